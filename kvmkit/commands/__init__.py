@@ -1,0 +1,1 @@
+"""Sub-commands of the ``kvmkit`` CLI, one module each (see :mod:`kvmkit.cli`)."""
