@@ -1,0 +1,99 @@
+"""``kvmkit guest build|info``: the Linux guest kit the QEMU half boots."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmkit.qemu import guestkit
+
+
+def _progress_printer() -> guestkit.Progress:
+    tty = sys.stderr.isatty()
+    start = time.monotonic()
+
+    def show(step: str, done: int, total: int) -> None:
+        width = 24
+        filled = width * done // total
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {done}/{total} {step} ({time.monotonic() - start:.1f} s)"
+        if tty:
+            end = "\n" if done == total else ""
+            print(f"\r\033[K{line}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _describe(kit: guestkit.GuestKit) -> dict[str, Any]:
+    return {
+        "kernel_version": kit.kernel_version,
+        "directory": str(kit.directory),
+        "kernel": str(kit.kernel),
+        "boots_pvh": kit.boots_pvh,
+        "initrd": str(kit.initrd),
+        "modules": list(kit.modules),
+        "append": kit.append,
+        "source": kit.source,
+        "built_at": datetime.datetime.fromtimestamp(kit.built_at).isoformat(timespec="seconds"),
+        "size_mib": round(kit.size_bytes / 2**20, 1),
+    }
+
+
+def _build(args: argparse.Namespace) -> int:
+    kit = guestkit.build_kit(
+        args.kernel_version,
+        kernel_image=Path(args.kernel) if args.kernel else None,
+        modules_dir=Path(args.modules) if args.modules else None,
+        force=args.force,
+        progress=None if args.quiet else _progress_printer(),
+    )
+    boot = "PVH ELF (fast boot)" if kit.boots_pvh else "bzImage"
+    print(f"guest kit {kit.kernel_version} ready in {kit.directory} (boots {boot})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    kits = guestkit.cached_kits()
+    if args.json:
+        print(json.dumps({"cache": str(guestkit.kits_dir()), "kits": [_describe(k) for k in kits]}))
+        return 0
+    print(f"cache: {guestkit.kits_dir()}")
+    if not kits:
+        print("no guest kit cached; build one with `kvmkit guest build`")
+        return 0
+    for kit in kits:
+        d = _describe(kit)
+        print(
+            f"{d['kernel_version']}: {d['size_mib']} MiB, built {d['built_at']}, from {d['source']}"
+        )
+        print(f"  kernel  {d['kernel']}{'  (PVH)' if kit.boots_pvh else ''}")
+        print(f"  initrd  {d['initrd']}")
+        print(f"  modules {' '.join(kit.modules)}")
+        print(f"  append  {kit.append}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("guest", help="build or show the Linux guest kit for QEMU")
+    sub = parser.add_subparsers(dest="guest_command", metavar="ACTION", required=True)
+
+    build = sub.add_parser("build", help="fetch a Debian kernel and build the guest kit")
+    build.add_argument(
+        "kernel_version", nargs="?", help="kernel release, e.g. 6.1.0-56-amd64 (default: apt's)"
+    )
+    build.add_argument("--kernel", help="use this kernel image instead of a Debian package")
+    build.add_argument("--modules", help="module tree (lib/modules/<ver>) of --kernel")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--quiet", action="store_true", help="no progress display")
+    build.set_defaults(func=_build)
+
+    info = sub.add_parser("info", help="show the cached guest kits")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_info)
