@@ -38,10 +38,19 @@ from kvmkit.qemu.kernel import extract_vmlinux, has_pvh_entry, index_modules, lo
 
 READY_MARKER = "KVMKIT-GUEST-READY"
 PROMPT = "kvmkit# "
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_balloon")
+# button + evdev let busybox acpid see the ACPI power button (system_powerdown).
+MODULES = (
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_balloon",
+    "button",
+    "evdev",
+)
 # memhp_default_state=online_movable: hot-added memory can also be unplugged again.
 KERNEL_APPEND = "console=ttyS0 rdinit=/init panic=-1 quiet memhp_default_state=online_movable"
-KIT_FORMAT = 1
+KIT_FORMAT = 2
 
 #: progress(step, done, total): ``step`` names the current step (one of BUILD_STEPS).
 Progress = Callable[[str, int, int], None]
@@ -68,6 +77,7 @@ while read -r mod; do
     insmod "/lib/modules/$mod.ko" || echo "kvmkit-init: insmod $mod failed"
 done < /etc/kvmkit/modules
 hostname kvmkit-guest
+acpid -c /etc/acpi -l /run/acpid.log
 # Event-driven hotplug watcher (one helper run per kernel uevent, no polling).
 uevent /sbin/kvmkit-hotplug </dev/null >/dev/null 2>&1 &
 for c in /sys/devices/system/cpu/cpu[1-9]*; do
@@ -93,6 +103,13 @@ add/memory)
     ;;
 esac
 exit 0
+"""
+
+
+POWEROFF_SCRIPT = """#!/bin/sh
+echo "kvmkit-guest: power button, powering off" > /dev/console
+sync
+poweroff -f
 """
 
 
@@ -210,6 +227,14 @@ def load_kit(directory: Path) -> GuestKit:
     return kit
 
 
+def _is_current(directory: Path) -> bool:
+    try:
+        load_kit(directory)
+    except GuestKitError:
+        return False
+    return True
+
+
 def cached_kits() -> list[GuestKit]:
     """Every complete kit in the cache, newest build first."""
     root = kits_dir()
@@ -263,6 +288,9 @@ def _initramfs_entries(busybox: Path, modules: list[tuple[str, bytes]]) -> list[
         entries.append(cpio.symlink(f"bin/{applet}", "busybox"))
     entries.append(cpio.file("init", INIT_SCRIPT.encode(), 0o755))
     entries.append(cpio.file("sbin/kvmkit-hotplug", HOTPLUG_SCRIPT.encode(), 0o755))
+    # busybox acpid runs /etc/acpi/PWRF/00000080 when the power button is pressed.
+    entries += [cpio.directory("etc/acpi"), cpio.directory("etc/acpi/PWRF")]
+    entries.append(cpio.file("etc/acpi/PWRF/00000080", POWEROFF_SCRIPT.encode(), 0o755))
     entries.append(cpio.file("etc/kvmkit/modules", "".join(f"{n}\n" for n, _ in modules).encode()))
     for name, data in modules:
         entries.append(cpio.file(f"lib/modules/{name}.ko", data))
@@ -359,13 +387,17 @@ def build_kit(
 
         step(6)
         final = root / kernel_version
-        if force and final.exists():
-            shutil.rmtree(final.rename(tmp / "old"))
+        if final.exists() and (force or not _is_current(final)):
+            # Move the stale kit aside first so the swap below stays a single rename.
+            try:
+                final.rename(tmp / "old")
+            except FileNotFoundError:
+                pass
         try:
             out.rename(final)
         except OSError:
             # Another builder finished first: its kit is as good as ours.
-            if not (final / "kit.json").exists():
+            if not _is_current(final):
                 raise
     if progress is not None:
         progress("done", total, total)
