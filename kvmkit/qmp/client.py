@@ -1,0 +1,557 @@
+"""The trio QMP client: :func:`open_qmp` and :class:`QMPClient`.
+
+``open_qmp`` connects, starts a reader task and a writer task in its own nursery, waits
+for the greeting and the capabilities negotiation, and yields a :class:`QMPClient`.  Any
+number of tasks may call :meth:`QMPClient.execute` at once; each reply goes to its caller.
+Messages are written whole and in order: a command is written straight to the socket when
+it fits, otherwise it is queued for the writer task, so a caller that is cancelled or
+times out never leaves half a message on the wire (its late reply is dropped quietly).
+
+When the connection is lost, every call in flight fails at once with
+:class:`~kvmkit.qmp.errors.DisconnectedError`, listeners get the same error after their
+buffered events, and later calls fail immediately.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from qemu.qmp import ExecuteError, Message
+from qemu.qmp.models import ErrorResponse, Greeting
+
+from kvmkit.qmp.errors import (
+    BadReplyError,
+    ConnectError,
+    DisconnectedError,
+    QMPError,
+    QMPProtocolError,
+    QMPTimeoutError,
+    UsageError,
+)
+from kvmkit.qmp.events import DEFAULT_BUFFER, EventListener, Overflow
+from kvmkit.qmp.protocol import (
+    MAX_MESSAGE_SIZE,
+    ClosedItem,
+    DroppedReply,
+    EventItem,
+    GreetingItem,
+    NegotiatedItem,
+    QMPProtocol,
+    ReplyItem,
+)
+from kvmkit.qmp.schema import Schema
+from kvmkit.qmp.transport import Address, Transport, connect
+
+logger = logging.getLogger("kvmkit.qmp")
+
+#: Timeout of ``execute`` when the caller gives none (``math.inf`` disables it).
+DEFAULT_COMMAND_TIMEOUT = 60.0
+#: Timeout of ``wait_event`` and ``execute_and_wait`` when the caller gives none.
+DEFAULT_EVENT_TIMEOUT = 30.0
+# Callers wait before queueing more once this many bytes wait for the writer.
+_HIGH_WATER = 1 << 20
+
+
+class _Waiter:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: dict[str, Any] | None = None
+
+
+class QMPClient(trio.abc.AsyncResource):
+    """A live QMP connection.  Get one from :func:`open_qmp`; do not construct it."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        negotiate: bool = True,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    ) -> None:
+        self._transport = transport
+        self._proto = QMPProtocol(negotiate=negotiate, max_message_size=max_message_size)
+        self._pending: dict[int, _Waiter] = {}
+        self._listeners: list[EventListener] = []
+        self._out = bytearray()
+        self._out_event = trio.Event()
+        self._drained: trio.Event | None = None
+        self._ready = trio.Event()
+        self._error: BaseException | None = None
+        self._closing = False
+        self._cancel_tasks = trio.CancelScope()
+        #: Where this client is connected (for messages).
+        self.address = transport.description
+        #: Default timeout of :meth:`execute`, in seconds.
+        self.command_timeout = command_timeout
+        #: The live schema, once :meth:`load_schema` ran.
+        self.schema: Schema | None = None
+        self._validate = False
+        #: The greeting as received (a qemu.qmp Message), once it arrived.
+        self.greeting_message: Message | None = None
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def greeting(self) -> Greeting | None:
+        """The server's greeting (qemu.qmp ``models.Greeting``); set by ``open_qmp``."""
+        return self._proto.greeting
+
+    @property
+    def oob_enabled(self) -> bool:
+        """True if out-of-band execution was negotiated."""
+        return self._proto.oob_enabled
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is lost or closed; calls then raise DisconnectedError."""
+        return self._error is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Commands sent and not yet answered."""
+        return len(self._pending)
+
+    @property
+    def dropped_replies(self) -> int:
+        """Replies nobody waited for (unknown id, abandoned by a timed-out caller, ...)."""
+        return self._proto.dropped_replies
+
+    @property
+    def can_pass_fds(self) -> bool:
+        """True if :meth:`send_fd` works on this transport (a unix socket)."""
+        return self._transport.can_pass_fds
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        oob: bool = False,
+    ) -> Any:
+        """Run ``command`` and return its ``return`` value.
+
+        ``timeout`` is in seconds (None: :attr:`command_timeout`; ``math.inf``: none).
+        Raises qemu.qmp's ``ExecuteError`` for an error reply, QMPTimeoutError when the
+        reply does not come in time (the command may still run), DisconnectedError when
+        the connection is lost, SchemaError when a loaded schema rejects the call.
+        """
+        if self._validate and self.schema is not None:
+            self.schema.check(command, arguments)
+        return await self._call(command, arguments, timeout, oob, None)
+
+    async def _call(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None,
+        timeout: float | None,
+        oob: bool,
+        fds: list[int] | None,
+    ) -> Any:
+        if self._error is not None:
+            raise self._gone(command)
+        if self._out and len(self._out) > _HIGH_WATER:
+            await self._wait_drained(command)
+        if fds is not None:
+            await self._wait_fd_slot(command)
+        msg_id, data = self._proto.send_command(command, arguments, oob)
+        waiter = _Waiter()
+        pending = self._pending
+        pending[msg_id] = waiter
+        try:
+            if fds is None:
+                self._write(data)
+            else:
+                self._write_with_fds(data, fds)
+            if timeout is None:
+                timeout = self.command_timeout
+            if timeout == math.inf:
+                await waiter.event.wait()
+            else:
+                with trio.move_on_after(timeout):
+                    await waiter.event.wait()
+        finally:
+            if pending.pop(msg_id, None) is not None:
+                self._proto.abandon(msg_id)
+        reply = waiter.reply
+        if reply is None:
+            if self._error is not None:
+                raise self._gone(command)
+            raise QMPTimeoutError(
+                f"no reply to {command!r} from {self.address} within {timeout:g} s",
+                hint="the command may still complete; raise timeout= for slow commands",
+            )
+        if "return" in reply:
+            return reply["return"]
+        received = Message(reply, eager=False)
+        sent = self._sent_message(command, arguments, oob, msg_id)
+        if "error" in reply:
+            try:
+                error = ErrorResponse(received)
+            except (KeyError, TypeError) as exc:
+                raise BadReplyError(
+                    f"malformed error reply to {command!r}: {exc}: {reply!r}"
+                ) from exc
+            raise ExecuteError(error, sent, received)
+        raise BadReplyError(f"reply to {command!r} has neither 'return' nor 'error': {reply!r}")
+
+    @staticmethod
+    def _sent_message(
+        command: str, arguments: Mapping[str, Any] | None, oob: bool, msg_id: int
+    ) -> Message:
+        sent: dict[str, Any] = {"exec-oob" if oob else "execute": command}
+        if arguments is not None:
+            sent["arguments"] = dict(arguments)
+        sent["id"] = msg_id
+        return Message(sent, eager=False)
+
+    async def send_fd(self, fd: int, name: str, *, timeout: float | None = None) -> None:
+        """Pass ``fd`` to QEMU with SCM_RIGHTS and name it ``name`` (QMP ``getfd``).
+
+        The caller keeps ``fd`` open and owns it; QEMU holds its own copy until
+        ``closefd``.  Needs a unix socket transport.
+        """
+        await self._call("getfd", {"fdname": name}, timeout, False, [fd])
+
+    async def add_fd(
+        self,
+        fd: int,
+        *,
+        fdset_id: int | None = None,
+        opaque: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Pass ``fd`` with SCM_RIGHTS into an fd set (QMP ``add-fd``); returns AddfdInfo."""
+        args: dict[str, Any] = {}
+        if fdset_id is not None:
+            args["fdset-id"] = fdset_id
+        if opaque is not None:
+            args["opaque"] = opaque
+        return await self._call("add-fd", args, timeout, False, [fd])
+
+    # -- events ------------------------------------------------------------------------
+
+    def listen(
+        self,
+        *names: str,
+        match: Mapping[str, Any] | None = None,
+        buffer: int = DEFAULT_BUFFER,
+        overflow: Overflow = "error",
+    ) -> EventListener:
+        """A listener for events named ``names`` (none: all) whose data contains ``match``.
+
+        Use as ``async with qmp.listen("STOP") as events: async for ev in events: ...``.
+        Events are buffered from ``__aenter__`` on; see :mod:`kvmkit.qmp.events` for the
+        buffer policy.
+        """
+        return EventListener(self, names, match, buffer=buffer, overflow=overflow)
+
+    async def wait_event(
+        self,
+        name: str,
+        match: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_EVENT_TIMEOUT,
+    ) -> Message:
+        """Wait for the next event ``name`` (arriving after this call) matching ``match``."""
+        async with self.listen(name, match=match) as events:
+            try:
+                return await events.get(timeout)
+            except StopAsyncIteration:
+                raise self._gone(f"waiting for {name}") from None
+
+    async def execute_and_wait(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        event: str,
+        match: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_EVENT_TIMEOUT,
+    ) -> tuple[Any, Message]:
+        """Run ``command`` and wait for ``event`` (matching ``match``) it causes.
+
+        The listener subscribes before the command is sent, so an event that arrives
+        before the reply is not missed.  ``timeout`` covers the reply and the event.
+        """
+        deadline = trio.current_time() + timeout
+        async with self.listen(event, match=match) as events:
+            result = await self.execute(command, arguments, timeout=timeout)
+            remaining = max(0.0, deadline - trio.current_time())
+            try:
+                message = await events.get(remaining)
+            except QMPTimeoutError:
+                raise QMPTimeoutError(
+                    f"{command!r} succeeded but {events._timeout_text(timeout)}",
+                    hint="the operation may still finish; raise timeout= or check its state",
+                ) from None
+            except StopAsyncIteration:
+                raise self._gone(f"waiting for {event}") from None
+        return result, message
+
+    def _add_listener(self, listener: EventListener) -> None:
+        if self._error is not None:
+            listener.end(None if self._closing else self._error)
+        self._listeners.append(listener)
+
+    def _remove_listener(self, listener: EventListener) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    # -- schema ------------------------------------------------------------------------
+
+    async def load_schema(self, *, validate: bool = True) -> Schema:
+        """Read ``query-qmp-schema`` from the server; with ``validate``, check every later
+        ``execute`` against it before sending."""
+        raw = await self.execute("query-qmp-schema")
+        self.schema = Schema(raw)
+        self._validate = validate
+        return self.schema
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._out:
+            self._out += data
+            return
+        sent = self._transport.try_send(data)
+        if sent != len(data):
+            self._out += data[sent:]
+            self._out_event.set()
+
+    async def _wait_fd_slot(self, command: str) -> None:
+        """Wait until the write queue is empty and the socket writable (fds ride on the
+        first byte of their message, so nothing may be queued before it)."""
+        if not self._transport.can_pass_fds:
+            raise UsageError(
+                f"cannot pass a file descriptor with {command!r} over {self.address}",
+                hint="fd passing needs a unix socket connection",
+            )
+        while True:
+            await self._wait_drained(command)
+            await self._transport.wait_writable()
+            if self._error is not None:
+                raise self._gone(command)
+            if not self._out:
+                return
+
+    def _write_with_fds(self, data: bytes, fds: list[int]) -> None:
+        try:
+            sent = self._transport.try_send_fds(data, fds)
+        except BlockingIOError:
+            sent = 0
+        if sent == 0:
+            raise DisconnectedError(
+                f"could not pass fds to {self.address}: the socket took no data",
+                hint="retry; the server is not reading",
+            )
+        if sent != len(data):
+            self._out += data[sent:]
+            self._out_event.set()
+
+    async def _wait_drained(self, command: str) -> None:
+        while self._out and self._error is None:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
+        if self._error is not None:
+            raise self._gone(command)
+
+    async def _writer(self) -> None:
+        try:
+            while self._error is None:
+                await self._out_event.wait()
+                self._out_event = trio.Event()
+                while self._out and self._error is None:
+                    sent = await self._transport.send_some(bytes(self._out))
+                    del self._out[:sent]
+                if self._drained is not None:
+                    self._drained.set()
+                    self._drained = None
+        except Exception as exc:
+            self._fail(exc)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        proto = self._proto
+        receive = self._transport.receive
+        pending = self._pending
+        try:
+            while True:
+                data = await receive()
+                for item in proto.receive_data(data):
+                    if type(item) is ReplyItem:
+                        waiter = pending.pop(item.id, None)
+                        if waiter is not None:
+                            waiter.reply = item.message
+                            waiter.event.set()
+                    elif type(item) is EventItem:
+                        self._dispatch_event(item.message)
+                    else:
+                        self._handle(item)
+                if not data:
+                    raise DisconnectedError(f"{self.address} closed the QMP connection")
+        except Exception as exc:
+            self._fail(exc)
+
+    def _dispatch_event(self, message: Message) -> None:
+        name = message.get("event")
+        if not isinstance(name, str):
+            logger.warning("%s: event without a name dropped: %r", self.address, message)
+            return
+        for listener in self._listeners:
+            if listener.wants(name, message):
+                listener.push(message)
+
+    def _handle(self, item: object) -> None:
+        if isinstance(item, GreetingItem):
+            self.greeting_message = item.message
+            if self._proto.negotiate:
+                self._write(self._proto.start_negotiation())
+            else:
+                self._ready.set()
+        elif isinstance(item, NegotiatedItem):
+            self._ready.set()
+        elif isinstance(item, DroppedReply):
+            if item.reason != "abandoned":
+                logger.warning(
+                    "%s: reply dropped (%s): %r", self.address, item.reason, item.message
+                )
+        elif isinstance(item, ClosedItem) and item.partial:
+            logger.warning("%s: connection closed in the middle of a message", self.address)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The connection is unusable from now on: wake everyone."""
+        if self._error is None:
+            if not isinstance(exc, QMPError):
+                wrapped = DisconnectedError(f"connection to {self.address} failed: {exc!r}")
+                wrapped.__cause__ = exc
+                exc = wrapped
+            self._error = exc
+            if not self._closing:
+                logger.debug("%s: connection failed: %s", self.address, exc)
+        self._proto.close()
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for waiter in pending:
+            waiter.event.set()
+        for listener in self._listeners:
+            listener.end(None if self._closing else self._error)
+        self._ready.set()
+        self._out_event.set()
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    def _gone(self, what: str) -> DisconnectedError:
+        cause = self._error
+        if self._closing and isinstance(cause, DisconnectedError):
+            exc = DisconnectedError(f"{what}: the QMP connection to {self.address} is closed")
+        else:
+            exc = DisconnectedError(
+                f"{what}: lost the QMP connection to {self.address}: {cause}",
+                hint="the command may or may not have run; if QEMU still runs, reconnect "
+                "and ask it",
+            )
+        exc.__cause__ = cause
+        return exc
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        await self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _run_tasks(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        with self._cancel_tasks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                task_status.started()
+
+    async def aclose(self) -> None:
+        """Close the connection; calls in flight fail with DisconnectedError.  Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._fail(DisconnectedError("closed by this client"))
+            with trio.CancelScope(shield=True):
+                await self._transport.aclose()
+            self._cancel_tasks.cancel()
+        await trio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def open_qmp(
+    address: Address,
+    *,
+    connect_timeout: float = 5.0,
+    negotiate: bool = True,
+    validate: bool = False,
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    max_message_size: int = MAX_MESSAGE_SIZE,
+) -> AsyncIterator[QMPClient]:
+    """Connect to a QMP server and yield a ready :class:`QMPClient`; close it on exit.
+
+    ``address``: a unix socket path (str or Path), a ``(host, port)`` pair, an already
+    connected ``socket.socket`` (the client takes ownership and closes it), or a
+    ``trio.abc.Stream``.  ``connect_timeout`` covers connecting, the greeting and the
+    negotiation (``negotiate=False`` skips ``qmp_capabilities``).  ``validate`` loads
+    the live schema and checks each command against it before sending.
+    """
+    body_error: BaseException | None = None
+    try:
+        with trio.fail_after(connect_timeout):
+            transport = await connect(address)
+    except trio.TooSlowError:
+        raise ConnectError(
+            f"cannot connect to QMP at {address!r}: no connection within {connect_timeout:g} s"
+        ) from None
+    client = QMPClient(
+        transport,
+        negotiate=negotiate,
+        max_message_size=max_message_size,
+        command_timeout=command_timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        # Errors stay out of the nursery, so callers see them bare, not in an ExceptionGroup.
+        try:
+            await nursery.start(client._run_tasks)
+            try:
+                with trio.fail_after(connect_timeout):
+                    await client._handshake()
+            except trio.TooSlowError:
+                raise ConnectError(
+                    f"no QMP greeting and negotiation from {client.address} within "
+                    f"{connect_timeout:g} s",
+                    hint="QEMU serves one QMP client per socket: is another one connected?",
+                ) from None
+            except (QMPProtocolError, DisconnectedError) as exc:
+                raise ConnectError(
+                    f"QMP handshake with {client.address} failed", exc, hint=exc.hint
+                ) from exc
+            if validate:
+                await client.load_schema()
+            yield client
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+    if body_error is not None:
+        try:
+            raise body_error
+        finally:
+            body_error = None
