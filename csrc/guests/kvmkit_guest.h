@@ -1,0 +1,182 @@
+/*
+ * kvmkit guest ABI and the tiny runtime every guest program links against.
+ *
+ * A guest image is a multiboot v1 ELF32 file loaded at 1 MiB.  It boots the way QEMU's
+ * `-kernel` starts it (32-bit protected mode, paging off, EAX = 0x2BADB002, EBX = the
+ * multiboot info), switches itself to long mode and calls the program's `main`.  The same
+ * image runs under kvmkit's minimal runner and under QEMU; everything a guest needs for
+ * correctness uses devices both provide, and the kvmkit-only hypercalls are harmless
+ * under QEMU (writes to unassigned ports are ignored there, reads return all ones).
+ *
+ * This header is the reference for the ABI.  kvmkit/guests.py mirrors every constant
+ * below as a Python constant; keep the two in step.
+ *
+ * Ports
+ *   0x00e9  debug console (QEMU isa-debugcon): each `outb` is one byte of output.
+ *   0x00f4  exit (QEMU isa-debug-exit, iosize=4): `outl` of v ends the run.  QEMU's process
+ *           exits with (v << 1) | 1, kvmkit's runner with v.
+ *   0x0500 + nr  hypercalls, Solo5 hvt style: `outl` of the 32-bit guest-physical address
+ *           of the argument struct (layouts below, little endian, 8-byte fields).
+ *             nr 1 TIME  { u64 nsecs; }                out: host monotonic clock, ns
+ *             nr 2 PUTS  { u64 data_gpa; u64 len; }    console output, one exit per call
+ *             nr 3 EXIT  { u64 code; }                 end the run with `code`
+ *             nr 4 MARK  { u64 label_gpa; u64 label_len; }  host records (time, label)
+ *   0x0510  fw_cfg selector (16-bit write); 0x0511 fw_cfg data (byte reads).
+ *           keys: 0x05 number of CPUs (u16 LE), 0x03 RAM size (u64 LE).
+ *   0x0600  io-storm's port: written with `outb`, nothing reads it.  The runner should
+ *           claim it as a counting sink (or leave it unclaimed; then --strict trips on it).
+ *
+ * Memory (guest-physical, identity-mapped by the guest's own page tables)
+ *   0x00008000  smp's AP real-mode trampoline (SIPI vector 0x08), copied there by the BSP
+ *               after it has read the multiboot info and command line.
+ *   0x00100000  the image: .text, .rodata, .data (page tables, GDT, TSS), .bss (stacks,
+ *               buffers) up to the symbol `_end` (about 1.4 MiB; give guests >= 4 MiB RAM).
+ *   0 - 1 GiB   mapped write-back with 2 MiB pages, user-accessible.
+ *   1 - 3 GiB   not mapped: any access is a page fault (fault=pf uses 0x80000000).
+ *   3 - 4 GiB   mapped uncacheable (PCD|PWT), user-accessible: MMIO.
+ *     0xd0000000  mmio-storm's target; nothing backs it (the runner sees MMIO exits).
+ *     0xfee00000  local APIC (xAPIC), used by smp.
+ *
+ * Faults: every exception vector 0-31 goes to a handler that prints
+ *   "fault: vector N at RIP 0x..., error 0x..., cpl C[, cr2 0x...]\n"
+ * on the debug console and exits with KK_FAULT_EXIT_CODE.  Interrupts stay disabled (IF=0)
+ * from entry to exit, at CPL 0 and CPL 3 alike.
+ *
+ * Exit codes: 0 success, 1 the program's own check failed, 2 a bad command-line value,
+ * 3 a CPU exception (KK_FAULT_EXIT_CODE).
+ *
+ * Command line (multiboot cmdline; QEMU passes "<image> args"): whitespace-separated
+ * key=value tokens; tokens that are not key=value (the image name) are ignored.
+ *   n=N          workload size (compute, io-storm, mmio-storm)
+ *   cpl=0|3      privilege level for the workload (compute, io-storm, mmio-storm; default 3)
+ *   console=puts use the PUTS hypercall instead of port 0xe9 (kvmkit runner only)
+ *   fault=ud|pf|gp|triple         raise that fault at CPL 0 before main (triple: with an
+ *                                 empty IDT, so the CPU shuts down)
+ *   fault=user-ud|user-pf|user-gp raise it right after switching to CPL 3
+ */
+#ifndef KVMKIT_GUEST_H
+#define KVMKIT_GUEST_H
+
+#define KK_PORT_DEBUGCON 0x00e9
+#define KK_PORT_EXIT 0x00f4
+#define KK_HYPERCALL_BASE 0x0500
+#define KK_HC_TIME 1
+#define KK_HC_PUTS 2
+#define KK_HC_EXIT 3
+#define KK_HC_MARK 4
+#define KK_PORT_FW_CFG_SELECTOR 0x0510
+#define KK_PORT_FW_CFG_DATA 0x0511
+#define KK_FW_CFG_RAM_SIZE 0x03
+#define KK_FW_CFG_NB_CPUS 0x05
+#define KK_IO_STORM_PORT 0x0600
+#define KK_MMIO_STORM_ADDR 0xd0000000UL
+#define KK_LAPIC_BASE 0xfee00000UL
+#define KK_AP_TRAMPOLINE_ADDR 0x8000
+#define KK_UNMAPPED_ADDR 0x80000000UL
+#define KK_FAULT_EXIT_CODE 3
+#define KK_MAX_CPUS 64
+
+/* Segment selectors of the guest's GDT (built in entry.S). */
+#define KK_SEL_KERNEL_CODE 0x08
+#define KK_SEL_KERNEL_DATA 0x10
+#define KK_SEL_USER_CODE 0x1b
+#define KK_SEL_USER_DATA 0x23
+#define KK_SEL_TSS 0x28
+
+#ifndef __ASSEMBLER__
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef long i64;
+
+struct kk_hc_time {
+    u64 nsecs;
+};
+struct kk_hc_puts {
+    u64 data_gpa;
+    u64 len;
+};
+struct kk_hc_exit {
+    u64 code;
+};
+struct kk_hc_mark {
+    u64 label_gpa;
+    u64 label_len;
+};
+
+static inline void kk_outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void kk_outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void kk_outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 kk_inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+/* Guest memory is identity-mapped, so a pointer is its own guest-physical address.  The
+ * "memory" clobber makes the compiler store the argument struct before the exit. */
+static inline void kk_hypercall(u32 nr, void *arg)
+{
+    __asm__ volatile("outl %0, %1" ::"a"((u32)(u64)arg), "Nd"((u16)(KK_HYPERCALL_BASE + nr))
+                     : "memory");
+}
+
+static inline void kk_pause(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u64 kk_rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+static inline unsigned kk_cpl(void)
+{
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return cs & 3;
+}
+
+static inline void kk_mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u32 kk_mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+
+/* runtime.c */
+void kk_putc(char c);
+void kk_write(const char *s, u64 len);
+void kk_puts(const char *s);
+void kk_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void kk_mark(const char *label);
+u64 kk_time_ns(void); /* 0 when no kvmkit runner answers (under QEMU) */
+__attribute__((noreturn)) void kk_exit(u32 code);
+__attribute__((noreturn)) void kk_fail(u32 code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* The command line with the image name left in; returns the value after "key=", or 0. */
+const char *kk_arg(const char *key);
+/* key=N as a decimal or 0x-hex number; `def` if absent; exits 2 on a malformed value. */
+u64 kk_arg_u64(const char *key, u64 def);
+/* cpl=0|3, default 3; exits 2 on anything else. */
+unsigned kk_arg_cpl(void);
+
+/* Runs fn at CPL 0 (a plain call) or CPL 3 (iretq with IOPL=3, IF=0, on the user stack).
+ * fn must end with kk_exit(): from CPL 3 there is no way back. */
+__attribute__((noreturn)) void kk_run_at_cpl(unsigned cpl, void (*fn)(void));
+
+void kk_spin_lock(volatile u32 *lock);
+void kk_spin_unlock(volatile u32 *lock);
+
+/* fw_cfg: select `key` and read `len` bytes of its item. */
+void kk_fw_cfg_read(u16 key, void *buf, u32 len);
+
+void kk_load_idt(void);
+
+void *memset(void *d, int c, u64 n);
+void *memcpy(void *d, const void *s, u64 n);
+u64 kk_strlen(const char *s);
+
+/* Provided by each program. */
+int main(void);
+
+#endif /* __ASSEMBLER__ */
+#endif /* KVMKIT_GUEST_H */
