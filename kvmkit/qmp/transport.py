@@ -140,7 +140,9 @@ def describe(address: Address) -> str:
         return f"socket fd {address.fileno()}"
     if isinstance(address, trio.abc.Stream):
         return f"stream {type(address).__name__}"
-    return os.fspath(address)
+    if isinstance(address, str | os.PathLike):
+        return os.fspath(address)
+    return repr(address)
 
 
 async def connect(address: Address) -> Transport:
