@@ -1,0 +1,212 @@
+"""A QEMU machine's configuration and the command line it turns into.
+
+:func:`build_command` is pure: it takes the configuration and the paths of the sockets
+and files the launcher set up, and returns the argument list.  Nothing here starts a
+process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kvmkit.qemu.errors import QemuError
+from kvmkit.qemu.guestkit import GuestKit
+
+MachineType = Literal["pc", "q35", "microvm"]
+Network = Literal["none", "user"]
+MACHINE_TYPES: tuple[str, ...] = ("pc", "q35", "microvm")
+
+
+@dataclass
+class Drive:
+    """A disk attached at start.  ``node`` names its block node and its device id."""
+
+    path: str
+    format: Literal["qcow2", "raw"] = "qcow2"
+    node: str = ""
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = str(self.path)
+
+
+@dataclass
+class MachineConfig:
+    """Everything needed to start one QEMU guest.
+
+    ``accel`` is ``None``/``"auto"`` (kvm where it can run a Linux guest, else tcg),
+    ``"kvm"`` or ``"tcg"``.  ``maxmem_mib``/``memory_slots`` enable memory hotplug;
+    ``maxcpus`` > ``cpus`` enables CPU hotplug; ``hotplug_ports`` adds that many
+    ``pcie-root-port``s on q35 (pcie.0 itself refuses hotplug).
+    """
+
+    name: str = "kvmkit"
+    machine: MachineType = "pc"
+    accel: str | None = None
+    memory_mib: int = 256
+    maxmem_mib: int | None = None
+    memory_slots: int = 0
+    cpus: int = 1
+    maxcpus: int | None = None
+    cpu_model: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    drives: list[Drive] = field(default_factory=list)
+    network: Network = "none"
+    balloon: bool = False
+    hotplug_ports: int = 4
+    extra_args: list[str] = field(default_factory=list)
+    qemu_binary: str = "qemu-system-x86_64"
+
+    def validate(self) -> None:
+        """Raise QemuError when the configuration cannot describe a valid machine."""
+        if self.machine not in MACHINE_TYPES:
+            raise QemuError(
+                f"unknown machine type {self.machine!r}", hint=f"use one of {MACHINE_TYPES}"
+            )
+        if self.memory_mib < 16:
+            raise QemuError(f"memory {self.memory_mib} MiB is too small (at least 16 MiB)")
+        if self.maxmem_mib is not None:
+            if self.maxmem_mib < self.memory_mib:
+                raise QemuError(
+                    f"maxmem {self.maxmem_mib} MiB is below memory {self.memory_mib} MiB"
+                )
+            if self.memory_slots < 1:
+                raise QemuError("maxmem needs at least one memory slot (memory_slots)")
+        if self.cpus < 1 or (self.maxcpus is not None and self.maxcpus < self.cpus):
+            raise QemuError(f"bad CPU counts: cpus={self.cpus} maxcpus={self.maxcpus}")
+        if self.machine == "microvm" and self.maxmem_mib is not None:
+            raise QemuError("microvm has no memory hotplug", hint="use machine pc or q35")
+        nodes = [d.node for d in self.drives]
+        if len(set(nodes)) != len(nodes):
+            raise QemuError(f"drive node names must be unique: {nodes}")
+        if self.initrd and not self.kernel:
+            raise QemuError("an initrd needs a kernel")
+
+    def __post_init__(self) -> None:
+        for index, drive in enumerate(self.drives):
+            if not drive.node:
+                drive.node = f"disk{index}"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MachineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["drives"] = [Drive(**d) for d in values.get("drives", [])]
+        return cls(**values)
+
+    @property
+    def pci(self) -> bool:
+        return self.machine != "microvm"
+
+    def virtio(self, kind: str) -> str:
+        """The device type for virtio ``kind`` (``blk``, ``net``, ``balloon``) here."""
+        return f"virtio-{kind}-pci" if self.pci else f"virtio-{kind}-device"
+
+
+def guest_kit_config(kit: GuestKit, **overrides: Any) -> MachineConfig:
+    """A configuration that boots the guest kit ``kit`` (PVH ELF where it has one);
+    ``overrides`` set any other :class:`MachineConfig` field."""
+    values: dict[str, Any] = {
+        "kernel": str(kit.kernel),
+        "initrd": str(kit.initrd),
+        "append": kit.append,
+    }
+    values.update(overrides)
+    return MachineConfig(**values)
+
+
+def hotplug_port(index: int) -> str:
+    """The id of the ``index``-th q35 hotplug root port."""
+    return f"hp{index}"
+
+
+def build_command(
+    config: MachineConfig,
+    *,
+    accel: str,
+    qmp_socket: Path,
+    console_socket: Path,
+    console_log: Path | None = None,
+    pidfile: Path | None = None,
+    paused: bool = True,
+    incoming: str | None = None,
+) -> list[str]:
+    """The QEMU argument list for ``config``.
+
+    The QMP monitor listens on ``qmp_socket`` and the serial console (ttyS0) on
+    ``console_socket``, both as servers that do not wait for a client; ``console_log``
+    additionally receives every byte the guest writes to the console.  ``paused`` adds
+    ``-S`` so the caller can connect before the guest runs.  ``incoming`` (e.g.
+    ``"defer"``) starts a migration destination.
+    """
+    config.validate()
+    machine = config.machine
+    machine_opts: str = machine
+    if machine == "microvm":
+        machine_opts += ",acpi=on"
+    cmd = [config.qemu_binary, "-name", f"{config.name},debug-threads=on"]
+    cmd += ["-machine", machine_opts, "-accel", accel]
+    cmd += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    cpu_model = config.cpu_model or ("host" if accel == "kvm" else "qemu64")
+    cmd += ["-cpu", cpu_model]
+    mem = f"{config.memory_mib}M"
+    if config.maxmem_mib is not None:
+        mem += f",slots={config.memory_slots},maxmem={config.maxmem_mib}M"
+    cmd += ["-m", mem]
+    smp = str(config.cpus)
+    if config.maxcpus is not None and config.maxcpus != config.cpus:
+        smp += f",maxcpus={config.maxcpus}"
+    cmd += ["-smp", smp]
+    if config.kernel:
+        cmd += ["-kernel", str(config.kernel)]
+    if config.initrd:
+        cmd += ["-initrd", str(config.initrd)]
+    if config.append:
+        cmd += ["-append", config.append]
+
+    cmd += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+    chardev = f"socket,id=serial0,path={console_socket},server=on,wait=off"
+    if console_log is not None:
+        chardev += f",logfile={console_log},logappend=on"
+    cmd += ["-chardev", chardev, "-serial", "chardev:serial0"]
+    if pidfile is not None:
+        cmd += ["-pidfile", str(pidfile)]
+
+    if machine == "q35":
+        for index in range(config.hotplug_ports):
+            port = hotplug_port(index)
+            cmd += ["-device", f"pcie-root-port,id={port},chassis={index + 1},bus=pcie.0"]
+    for drive in config.drives:
+        ro = ",read-only=on" if drive.readonly else ""
+        cmd += [
+            "-blockdev",
+            f"driver=file,filename={drive.path},node-name={drive.node}-file{ro}",
+            "-blockdev",
+            f"driver={drive.format},file={drive.node}-file,node-name={drive.node}{ro}",
+            "-device",
+            f"{config.virtio('blk')},drive={drive.node},id={drive.node}",
+        ]
+    if config.network == "user":
+        cmd += ["-netdev", "user,id=net0", "-device", f"{config.virtio('net')},netdev=net0,id=nic0"]
+    if config.balloon:
+        cmd += ["-device", f"{config.virtio('balloon')},id=balloon0"]
+    if paused:
+        cmd.append("-S")
+    if incoming is not None:
+        cmd += ["-incoming", incoming]
+    cmd += list(config.extra_args)
+    return cmd
+
+
+def format_command(cmd: list[str]) -> str:
+    """``cmd`` as one line a user can paste into a shell."""
+    return shlex.join(cmd)

@@ -1,0 +1,382 @@
+"""QemuMachine: one QEMU process, launched and owned by the calling trio task.
+
+::
+
+    config = guest_kit_config(ensure_kit(), memory_mib=256)
+    async with QemuMachine(config) as vm:
+        await vm.wait_ready()
+        print(await vm.console.run("uname -r"))
+        print(await vm.qmp.execute("query-status"))
+
+Launch: a private ``0700`` directory holds the QMP socket, the serial console socket,
+the console log and QEMU's stderr.  QEMU starts paused (``-S``); kvmkit connects QMP and
+the console, then sends ``cont`` (unless it is a migration destination), so no console
+output is lost.  A launch failure raises :class:`LaunchError` with the exit code, the
+command line and the tail of QEMU's output.
+
+Shutdown is a ladder, run on every exit path (cancellation included, shielded):
+``system_powerdown`` and wait for ``SHUTDOWN`` (only when the guest runs), then
+``quit``, then SIGTERM, then SIGKILL, each with a timeout.  Afterwards no process,
+socket or directory of the machine remains.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from kvmkit.qemu.accel import AccelChoice, choose_accel
+from kvmkit.qemu.config import MachineConfig, build_command, format_command
+from kvmkit.qemu.console import SerialConsole
+from kvmkit.qemu.errors import LaunchError, MachineStateError
+from kvmkit.qemu.guestkit import PROMPT, READY_MARKER
+from kvmkit.qmp import ConnectError, DisconnectedError, QMPClient, QMPError, open_qmp
+
+
+class State(enum.Enum):
+    NEW = "new"
+    LAUNCHING = "launching"
+    RUNNING = "running"  # the QEMU process is up (the guest may be paused)
+    SHUTTING_DOWN = "shutting-down"
+    STOPPED = "stopped"
+
+
+class QemuMachine(trio.abc.AsyncResource):
+    """One QEMU guest.  Use as ``async with`` (or :meth:`launch` then :meth:`aclose` in
+    the same task).
+
+    ``incoming`` (e.g. ``"defer"``) makes it a migration destination: it is not resumed
+    after launch.  ``base_dir`` is where the private directory is created (default: the
+    system temp dir).  Timeouts are in seconds.
+    """
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        *,
+        incoming: str | None = None,
+        base_dir: str | Path | None = None,
+        launch_timeout: float = 20.0,
+        powerdown_timeout: float = 5.0,
+        quit_timeout: float = 5.0,
+        term_timeout: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.incoming = incoming
+        self.accel: AccelChoice = choose_accel(config.accel)
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.launch_timeout = launch_timeout
+        self.powerdown_timeout = powerdown_timeout
+        self.quit_timeout = quit_timeout
+        self.term_timeout = term_timeout
+        self.state = State.NEW
+        self.directory: Path | None = None
+        self.cmdline: list[str] = []
+        self.exit_code: int | None = None
+        self.shutdown_step: str | None = None  # which rung of the ladder ended QEMU
+        self.started_at: float | None = None
+        self._process: trio.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._console: SerialConsole | None = None
+        self._stack: AsyncExitStack | None = None
+        self._exited = trio.Event()
+
+    # -- paths and accessors -------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        if self.directory is None:
+            raise MachineStateError("the machine has not been launched")
+        return self.directory / name
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self._path("qmp.sock")
+
+    @property
+    def console_socket(self) -> Path:
+        return self._path("console.sock")
+
+    @property
+    def console_log(self) -> Path:
+        return self._path("console.log")
+
+    @property
+    def log_path(self) -> Path:
+        return self._path("qemu.log")
+
+    @property
+    def qmp(self) -> QMPClient:
+        if self._qmp is None or self.state is not State.RUNNING:
+            raise MachineStateError(f"machine {self.config.name} is {self.state.value}; no QMP")
+        return self._qmp
+
+    @property
+    def console(self) -> SerialConsole:
+        if self._console is None:
+            raise MachineStateError(f"machine {self.config.name} has no console yet")
+        return self._console
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the QEMU process exists."""
+        return self._process is not None and self._process.returncode is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines QEMU wrote to stdout/stderr."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (OSError, MachineStateError):
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- launch --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> QemuMachine:
+        await self.launch()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _launch_error(self, message: str, hint: str | None = None) -> LaunchError:
+        code = self._process.returncode if self._process is not None else None
+        return LaunchError(
+            message, exit_code=code, cmdline=self.cmdline, log_tail=self.log_tail(), hint=hint
+        )
+
+    async def launch(self) -> None:
+        """Start QEMU, connect QMP and the console, and resume the guest (unless it is a
+        migration destination).  On failure everything started is torn down again."""
+        if self.state is not State.NEW:
+            raise MachineStateError(f"machine {self.config.name} was already launched")
+        self.state = State.LAUNCHING
+        try:
+            await self._launch()
+        except BaseException:
+            await self.aclose()
+            raise
+        self.state = State.RUNNING
+
+    async def _launch(self) -> None:
+        kwargs: dict[str, Any] = {"prefix": f"kvmkit-{self.config.name}-"}
+        if self.base_dir is not None:
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["dir"] = self.base_dir
+        self.directory = Path(tempfile.mkdtemp(**kwargs))  # mkdtemp creates it 0700
+        os.chmod(self.directory, 0o700)
+        self.started_at = time.time()
+        self.cmdline = build_command(
+            self.config,
+            accel=self.accel.name,
+            qmp_socket=self.qmp_socket,
+            console_socket=self.console_socket,
+            console_log=self.console_log,
+            paused=True,
+            incoming=self.incoming,
+        )
+        with open(self.log_path, "wb") as log:
+            try:
+                self._process = await trio.lowlevel.open_process(
+                    self.cmdline, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                )
+            except OSError as exc:
+                raise LaunchError(
+                    f"cannot start {self.config.qemu_binary}: {exc}",
+                    cmdline=self.cmdline,
+                    hint="install qemu-system-x86 or set qemu_binary",
+                ) from exc
+        self._stack = AsyncExitStack()
+        nursery = await self._stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(self._watch_process)
+
+        deadline = trio.current_time() + self.launch_timeout
+        while not self.qmp_socket.exists():
+            if self._process.returncode is not None or self._exited.is_set():
+                await self._process.wait()
+                raise self._launch_error(f"QEMU exited during start-up of {self.config.name}")
+            if trio.current_time() > deadline:
+                raise self._launch_error(
+                    f"QEMU did not create its QMP socket within {self.launch_timeout:g} s"
+                )
+            await trio.sleep(0.01)
+        try:
+            self._qmp = await self._stack.enter_async_context(
+                open_qmp(self.qmp_socket, connect_timeout=max(1.0, deadline - trio.current_time()))
+            )
+        except ConnectError as exc:
+            raise self._launch_error(f"cannot connect to QEMU's QMP socket: {exc}") from exc
+        stream = await trio.open_unix_socket(str(self.console_socket))
+        self._console = SerialConsole(stream, name=f"{self.config.name} console")
+        await self._console.start(nursery)
+        if self.incoming is None:
+            await self._qmp.execute("cont")
+
+    async def _watch_process(self) -> None:
+        assert self._process is not None
+        await self._process.wait()
+        self.exit_code = self._process.returncode
+        self._exited.set()
+
+    # -- guest ---------------------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float = 90.0) -> None:
+        """Wait until the guest kit's init prints its ready marker and the shell prompt.
+        Raises ConsoleTimeout (with the console tail) when it does not, and LaunchError
+        when QEMU dies meanwhile."""
+        try:
+            await self.console.expect(READY_MARKER, timeout)
+            await self.console.expect(PROMPT, timeout)
+        except Exception:
+            if not self.running:
+                await trio.sleep(0.05)
+                raise self._launch_error("QEMU exited before the guest was ready") from None
+            raise
+
+    async def status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``inmigrate``, ...)."""
+        reply = await self.qmp.execute("query-status")
+        return str(reply["status"])
+
+    async def pause(self) -> None:
+        if await self.status() != "paused":
+            await self.qmp.execute_and_wait("stop", event="STOP", timeout=10)
+
+    async def resume(self) -> None:
+        if await self.status() != "running":
+            await self.qmp.execute_and_wait("cont", event="RESUME", timeout=10)
+
+    async def wait_exit(self, timeout: float) -> int:
+        """Wait for the QEMU process to end by itself; returns its exit code."""
+        with trio.fail_after(timeout):
+            await self._exited.wait()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def shutdown(self, *, graceful: bool = True) -> None:
+        """Run the shutdown ladder now (``graceful=False`` skips ``system_powerdown``)."""
+        await self._teardown(graceful)
+
+    async def kill(self) -> None:
+        """SIGKILL QEMU at once and clean up (no powerdown, no quit)."""
+        if self.running and self._process is not None:
+            self._process.send_signal(signal.SIGKILL)
+        await self._teardown(False)
+
+    async def aclose(self) -> None:
+        await self._teardown(True)
+
+    async def _wait_gone(self, timeout: float) -> bool:
+        assert self._process is not None
+        with trio.move_on_after(timeout):
+            await self._process.wait()
+        return self._process.returncode is not None
+
+    async def _teardown(self, graceful: bool) -> None:
+        if self.state is State.STOPPED:
+            return
+        self.state = State.SHUTTING_DOWN
+        try:
+            with trio.CancelScope(shield=True):
+                if self._process is not None and self._process.returncode is None:
+                    await self._ladder(graceful)
+                if self._process is not None and self._process.returncode is None:
+                    await self._process.wait()  # after SIGKILL: cannot block for long
+                if self._console is not None:
+                    await self._console.aclose()
+            # The stack holds a nursery and QMP's cancel scopes: it must be exited outside
+            # the shield above, at the nesting level where launch() entered it.
+            if self._stack is not None:
+                stack, self._stack = self._stack, None
+                await _close_quietly(stack)
+        finally:
+            self._qmp = None
+            if self._process is not None:
+                self.exit_code = self._process.returncode
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            self.state = State.STOPPED
+
+    async def _ladder(self, graceful: bool) -> None:
+        assert self._process is not None
+        qmp = self._qmp
+        if qmp is not None and graceful:
+            try:
+                with trio.move_on_after(1.0):
+                    status = (await qmp.execute("query-status", timeout=1.0))["status"]
+                if status == "running":
+                    self.shutdown_step = "system_powerdown"
+                    await qmp.execute_and_wait(
+                        "system_powerdown", event="SHUTDOWN", timeout=self.powerdown_timeout
+                    )
+                    if await self._wait_gone(self.powerdown_timeout):
+                        return
+            except (QMPError, KeyError, TypeError, NameError):
+                pass
+        if qmp is not None and self._process.returncode is None:
+            self.shutdown_step = "quit"
+            try:
+                with trio.move_on_after(self.quit_timeout):
+                    await qmp.execute("quit", timeout=self.quit_timeout)
+            except (QMPError, DisconnectedError):
+                pass
+            if await self._wait_gone(self.quit_timeout):
+                return
+        if self._process.returncode is None:
+            self.shutdown_step = "SIGTERM"
+            self._process.send_signal(signal.SIGTERM)
+            if await self._wait_gone(self.term_timeout):
+                return
+        if self._process.returncode is None:
+            self.shutdown_step = "SIGKILL"
+            self._process.send_signal(signal.SIGKILL)
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for display: name, pid, accelerator and why, command line."""
+        return {
+            "name": self.config.name,
+            "pid": self.pid,
+            "state": self.state.value,
+            "accel": self.accel.name,
+            "accel_reason": self.accel.reason,
+            "directory": str(self.directory) if self.directory else None,
+            "cmdline": format_command(self.cmdline) if self.cmdline else None,
+            "started_at": self.started_at,
+        }
+
+
+async def _close_quietly(stack: AsyncExitStack) -> None:
+    """Exit ``stack``; a QMP connection that QEMU already dropped is no error here."""
+    try:
+        await stack.aclose()
+    except (QMPError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    except BaseExceptionGroup as group:  # noqa: F821  (builtin on 3.11, exceptiongroup before)
+        rest = group.subgroup(
+            lambda e: (
+                not isinstance(e, QMPError | trio.BrokenResourceError | trio.ClosedResourceError)
+            )
+        )
+        if rest is not None:
+            raise rest from None
