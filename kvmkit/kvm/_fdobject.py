@@ -51,7 +51,9 @@ class FdObject:
             arg = ffi.cast(_ulong, arg)
         rc = lib.ioctl(self._fd, request, arg)
         if rc < 0:
-            raise KvmIoctlError(ioctls.NAMES.get(request, hex(request)), ffi.errno, self._describe())
+            raise KvmIoctlError(
+                ioctls.NAMES.get(request, hex(request)), ffi.errno, self._describe()
+            )
         return int(rc)
 
     def _release(self) -> None:

@@ -19,7 +19,9 @@ BACKEND_MEANING: dict[str, str] = {
 _MODULES = {"kvm_intel": "vmx", "kvm_amd": "svm", "kvm_pvm": "pvm"}
 
 
-def detect_backend(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def detect_backend(
+    sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cpuinfo")
+) -> str:
     """Return ``"vmx"``, ``"svm"``, ``"pvm"`` or ``"unknown"``.
 
     Loaded KVM vendor modules decide (``/sys/module`` also lists built-in ones); when none
@@ -33,7 +35,11 @@ def detect_backend(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path(
         return "pvm"
     try:
         flags = next(
-            (line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")),
+            (
+                line.split(":", 1)[1].split()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("flags")
+            ),
             [],
         )
     except OSError:

@@ -70,5 +70,7 @@ KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
 
 #: Every request number above, by its C name (used for error messages and the ABI test).
-ALL: dict[str, int] = {k: v for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int)}
+ALL: dict[str, int] = {
+    k: v for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int)
+}
 NAMES: dict[int, str] = {v: k for k, v in ALL.items()}

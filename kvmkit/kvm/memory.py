@@ -81,7 +81,9 @@ class GuestMemory:
             try:
                 fd = os.open(backing, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as exc:
-                raise MemoryLayoutError(f"cannot open memory backing file {backing}: {exc.strerror}") from exc
+                raise MemoryLayoutError(
+                    f"cannot open memory backing file {backing}: {exc.strerror}"
+                ) from exc
             try:
                 if os.fstat(fd).st_size < size:
                     os.ftruncate(fd, size)
@@ -116,7 +118,9 @@ class GuestMemory:
 
     def _offset(self, addr: int, length: int) -> int:
         if self._view is None:
-            raise ClosedError(f"guest memory at {self.guest_phys} is closed (its region was removed)")
+            raise ClosedError(
+                f"guest memory at {self.guest_phys} is closed (its region was removed)"
+            )
         if length < 0 or not self.contains(addr, length):
             raise GuestMemoryAccessError(
                 f"access of {length} bytes at {int(addr):#x} is outside guest memory "

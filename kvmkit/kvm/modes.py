@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from kvmkit.kvm.vcpu import Regs, Vcpu
 
@@ -125,20 +126,31 @@ def write_system_tables(vcpu: Vcpu, tables_at: int, *, long_mode: bool, kernel_s
             vm.write(pd, struct.pack("<512Q", *entries))
 
 
-def _segment(seg: object, *, selector: int, base: int = 0, limit: int = 0xFFFFFFFF, type_: int,
-             dpl: int, db: int, l_: int, s: int = 1, g: int = 1) -> None:
-    seg.selector = selector  # type: ignore[attr-defined]
-    seg.base = base  # type: ignore[attr-defined]
-    seg.limit = limit  # type: ignore[attr-defined]
-    seg.type = type_  # type: ignore[attr-defined]
-    seg.present = 1  # type: ignore[attr-defined]
-    seg.dpl = dpl  # type: ignore[attr-defined]
-    seg.db = db  # type: ignore[attr-defined]
-    seg.l = l_  # type: ignore[attr-defined]
-    seg.s = s  # type: ignore[attr-defined]
-    seg.g = g  # type: ignore[attr-defined]
-    seg.avl = 0  # type: ignore[attr-defined]
-    seg.unusable = 0  # type: ignore[attr-defined]
+def _segment(
+    seg: Any,
+    *,
+    selector: int,
+    base: int = 0,
+    limit: int = 0xFFFFFFFF,
+    type_: int,
+    dpl: int,
+    db: int,
+    l_: int,
+    s: int = 1,
+    g: int = 1,
+) -> None:
+    seg.selector = selector
+    seg.base = base
+    seg.limit = limit
+    seg.type = type_
+    seg.present = 1
+    seg.dpl = dpl
+    seg.db = db
+    seg.l = l_
+    seg.s = s
+    seg.g = g
+    seg.avl = 0
+    seg.unusable = 0
 
 
 def setup_real_mode(vcpu: Vcpu, *, entry: int, stack: int = 0) -> ModeSetup:
@@ -149,7 +161,16 @@ def setup_real_mode(vcpu: Vcpu, *, entry: int, stack: int = 0) -> ModeSetup:
     sregs = vcpu.get_sregs()
     for name in ("cs", "ds", "es", "fs", "gs", "ss"):
         seg = getattr(sregs, name)
-        _segment(seg, selector=0, limit=0xFFFF, type_=0xB if name == "cs" else 0x3, dpl=0, db=0, l_=0, g=0)
+        _segment(
+            seg,
+            selector=0,
+            limit=0xFFFF,
+            type_=0xB if name == "cs" else 0x3,
+            dpl=0,
+            db=0,
+            l_=0,
+            g=0,
+        )
     sregs.cr0 = (sregs.cr0 | CR0_ET) & ~(CR0_PE | CR0_PG)
     sregs.efer = 0
     vcpu.set_sregs(sregs)
@@ -158,7 +179,12 @@ def setup_real_mode(vcpu: Vcpu, *, entry: int, stack: int = 0) -> ModeSetup:
 
 
 def setup_protected_mode(
-    vcpu: Vcpu, *, entry: int, stack: int, cpl: int = 0, tables_at: int = DEFAULT_TABLES_AT,
+    vcpu: Vcpu,
+    *,
+    entry: int,
+    stack: int,
+    cpl: int = 0,
+    tables_at: int = DEFAULT_TABLES_AT,
     kernel_stack: int | None = None,
 ) -> ModeSetup:
     """32-bit flat protected mode, paging off, at CPL ``cpl`` (0 or 3; at 3 with IOPL 3
@@ -167,7 +193,9 @@ def setup_protected_mode(
     write_system_tables(vcpu, tables_at, long_mode=False, kernel_stack=kernel_stack or stack)
     sregs = vcpu.get_sregs()
     user = cpl == 3
-    code_sel, data_sel = (SEL_USER_CODE32 | 3, SEL_USER_DATA | 3) if user else (SEL_CODE32, SEL_DATA)
+    code_sel, data_sel = (
+        (SEL_USER_CODE32 | 3, SEL_USER_DATA | 3) if user else (SEL_CODE32, SEL_DATA)
+    )
     _segment(sregs.cs, selector=code_sel, type_=0xB, dpl=cpl, db=1, l_=0)
     for name in ("ds", "es", "fs", "gs", "ss"):
         _segment(getattr(sregs, name), selector=data_sel, type_=0x3, dpl=cpl, db=1, l_=0)
@@ -176,12 +204,19 @@ def setup_protected_mode(
     sregs.cr4 = 0
     sregs.efer = 0
     vcpu.set_sregs(sregs)
-    vcpu.set_regs(Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0)))
+    vcpu.set_regs(
+        Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0))
+    )
     return ModeSetup(Mode.PROTECTED, cpl, tables_at)
 
 
 def setup_long_mode(
-    vcpu: Vcpu, *, entry: int, stack: int, cpl: int = 0, tables_at: int = DEFAULT_TABLES_AT,
+    vcpu: Vcpu,
+    *,
+    entry: int,
+    stack: int,
+    cpl: int = 0,
+    tables_at: int = DEFAULT_TABLES_AT,
     kernel_stack: int | None = None,
 ) -> ModeSetup:
     """64-bit long mode with 4 GiB identity-mapped by 2 MiB pages, at CPL ``cpl`` (0 or 3;
@@ -192,7 +227,9 @@ def setup_long_mode(
     write_system_tables(vcpu, tables_at, long_mode=True, kernel_stack=kernel_stack or stack)
     sregs = vcpu.get_sregs()
     user = cpl == 3
-    code_sel, data_sel = (SEL_USER_CODE64 | 3, SEL_USER_DATA | 3) if user else (SEL_CODE64, SEL_DATA)
+    code_sel, data_sel = (
+        (SEL_USER_CODE64 | 3, SEL_USER_DATA | 3) if user else (SEL_CODE64, SEL_DATA)
+    )
     _segment(sregs.cs, selector=code_sel, type_=0xB, dpl=cpl, db=0, l_=1)
     for name in ("ds", "es", "fs", "gs", "ss"):
         _segment(getattr(sregs, name), selector=data_sel, type_=0x3, dpl=cpl, db=1, l_=0)
@@ -202,21 +239,33 @@ def setup_long_mode(
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     sregs.efer = EFER_LME | EFER_LMA | EFER_SCE
     vcpu.set_sregs(sregs)
-    vcpu.set_regs(Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0)))
+    vcpu.set_regs(
+        Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0))
+    )
     return ModeSetup(Mode.LONG, cpl, tables_at)
 
 
-def _load_tables(sregs: object, tables_at: int, *, long_mode: bool) -> None:
+def _load_tables(sregs: Any, tables_at: int, *, long_mode: bool) -> None:
     gdt_entries = len(_GDT) + (2 if long_mode else 1)
-    sregs.gdt.base = tables_at + 0x6000  # type: ignore[attr-defined]
-    sregs.gdt.limit = gdt_entries * 8 - 1  # type: ignore[attr-defined]
-    sregs.idt.base = 0  # type: ignore[attr-defined]
-    sregs.idt.limit = 0  # type: ignore[attr-defined]
-    _segment(sregs.tr, selector=SEL_TSS, base=tables_at + 0x7000, limit=_TSS_LIMIT,  # type: ignore[attr-defined]
-             type_=0xB, dpl=0, db=0, l_=0, s=0, g=0)
-    _segment(sregs.ldt, selector=0, base=0, limit=0xFFFF, type_=0x2, dpl=0, db=0, l_=0, s=0, g=0)  # type: ignore[attr-defined]
-    sregs.ldt.unusable = 1  # type: ignore[attr-defined]
-    sregs.ldt.present = 0  # type: ignore[attr-defined]
+    sregs.gdt.base = tables_at + 0x6000
+    sregs.gdt.limit = gdt_entries * 8 - 1
+    sregs.idt.base = 0
+    sregs.idt.limit = 0
+    _segment(
+        sregs.tr,
+        selector=SEL_TSS,
+        base=tables_at + 0x7000,
+        limit=_TSS_LIMIT,
+        type_=0xB,
+        dpl=0,
+        db=0,
+        l_=0,
+        s=0,
+        g=0,
+    )
+    _segment(sregs.ldt, selector=0, base=0, limit=0xFFFF, type_=0x2, dpl=0, db=0, l_=0, s=0, g=0)
+    sregs.ldt.unusable = 1
+    sregs.ldt.present = 0
 
 
 def _check_cpl(cpl: int) -> None:
@@ -224,8 +273,15 @@ def _check_cpl(cpl: int) -> None:
         raise ValueError(f"cpl must be 0 or 3, not {cpl}")
 
 
-def setup_mode(vcpu: Vcpu, mode: Mode | str, *, entry: int, stack: int, cpl: int = 0,
-               tables_at: int = DEFAULT_TABLES_AT) -> ModeSetup:
+def setup_mode(
+    vcpu: Vcpu,
+    mode: Mode | str,
+    *,
+    entry: int,
+    stack: int,
+    cpl: int = 0,
+    tables_at: int = DEFAULT_TABLES_AT,
+) -> ModeSetup:
     """Dispatch to the ``setup_*_mode`` helper for ``mode``."""
     mode = Mode(mode)
     if mode is Mode.REAL:

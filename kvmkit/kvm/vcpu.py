@@ -28,7 +28,9 @@ def _install_kick_handler() -> None:
     with _kick_handler_lock:
         if not _kick_handler_installed:
             if lib.kvmkit_install_kick_handler() != 0:
-                raise KvmError(f"cannot install the vCPU kick signal handler (signal {KICK_SIGNAL})")
+                raise KvmError(
+                    f"cannot install the vCPU kick signal handler (signal {KICK_SIGNAL})"
+                )
             _kick_handler_installed = True
 
 
@@ -143,7 +145,9 @@ class Vcpu(FdObject):
             c.entries[i].index = index
         got = self._ioctl(ioctls.KVM_GET_MSRS, c)
         if got != n:
-            raise KvmError(f"KVM_GET_MSRS on {self._describe()} read {got} of {n} MSRs; MSR {indices[got]:#x} is not supported")
+            raise KvmError(
+                f"KVM_GET_MSRS on {self._describe()} read {got} of {n} MSRs; MSR {indices[got]:#x} is not supported"
+            )
         return {int(c.entries[i].index): int(c.entries[i].data) for i in range(n)}
 
     def set_msrs(self, values: dict[int, int]) -> None:
@@ -155,7 +159,9 @@ class Vcpu(FdObject):
         done = self._ioctl(ioctls.KVM_SET_MSRS, c)
         if done != n:
             bad = list(values)[done]
-            raise KvmError(f"KVM_SET_MSRS on {self._describe()} set {done} of {n} MSRs; MSR {bad:#x} was refused")
+            raise KvmError(
+                f"KVM_SET_MSRS on {self._describe()} set {done} of {n} MSRs; MSR {bad:#x} was refused"
+            )
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         n = len(entries)

@@ -51,7 +51,9 @@ class Vm(FdObject):
 
     def _validate_region(self, guest_phys: int, size: int) -> None:
         if size <= 0:
-            raise MemoryLayoutError(f"memory region at {guest_phys:#x} has size {size}; it must be > 0")
+            raise MemoryLayoutError(
+                f"memory region at {guest_phys:#x} has size {size}; it must be > 0"
+            )
         if guest_phys % PAGE_SIZE or size % PAGE_SIZE:
             raise MemoryLayoutError(
                 f"memory region {guest_phys:#x}+{size:#x} is not page-aligned",
@@ -161,7 +163,7 @@ class Vm(FdObject):
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         self.region_for(addr, len(data)).write(addr, data)
 
-    def get_dirty_log(self, region: GuestMemory) -> list[int]:
+    def get_dirty_log(self, region: GuestMemory) -> list[GuestAddress]:
         """``KVM_GET_DIRTY_LOG``: guest-physical addresses of the pages written since the
         last call (the kernel clears the log as it reports it).  The region must have been
         added with ``log_dirty=True``."""
@@ -191,7 +193,9 @@ class Vm(FdObject):
 
     def create_pit2(self, *, speaker_dummy: bool = True) -> None:
         """``KVM_CREATE_PIT2``: in-kernel i8254 (needs the irqchip)."""
-        cfg = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0})
+        cfg = ffi.new(
+            "struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0}
+        )
         self._ioctl(ioctls.KVM_CREATE_PIT2, cfg)
 
     def set_tss_addr(self, addr: int) -> None:
