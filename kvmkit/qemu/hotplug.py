@@ -212,7 +212,8 @@ async def add_nic(
     ``console``, waits for a new interface with the NIC's MAC in the guest."""
     nic_id = nic_id or _new_id("nic")
     await _execute(qmp, "add netdev", "netdev_add", {"type": "user", "id": f"{nic_id}-net"})
-    mac = "52:54:00:%02x:%02x:%02x" % (0x4B, next(_ids) % 256, len(nic_id))
+    serial = next(_ids)
+    mac = f"52:54:00:4b:{(serial >> 8) & 0xFF:02x}:{serial & 0xFF:02x}"
     args: dict[str, Any] = {"driver": driver, "id": nic_id, "netdev": f"{nic_id}-net", "mac": mac}
     if bus:
         args["bus"] = bus

@@ -26,7 +26,7 @@ async def _run_job(qmp: QMPClient, command: str, args: dict[str, Any], timeout: 
             raise SnapshotError(f"{command} refused: {exc}") from exc
         try:
             while True:
-                event = await events.get(timeout)
+                event: Any = await events.get(timeout)
                 if event["data"]["status"] == "concluded":
                     break
         except QMPTimeoutError:
