@@ -128,8 +128,9 @@ class SerialConsole:
             self.skip_pending()
             # The quotes split the markers in the echoed command line (which the shell's
             # line editor may also wrap), so only the real output matches below.
+            sep = " " if command.rstrip().endswith("&") else "; "
             await self.send_line(
-                f'echo "__KVMKIT_{n}""_BEGIN__"; {command}; echo "__KVMKIT_{n}""_END__ $?"'
+                f'echo "__KVMKIT_{n}""_BEGIN__"; {command}{sep}echo "__KVMKIT_{n}""_END__ $?"'
             )
             begin = await self.expect(re.compile(rf"__KVMKIT_{n}_BEGIN__\r?\n"), timeout)
             done = await self.expect(re.compile(rf"__KVMKIT_{n}_END__ (\d+)\r?\n"), timeout)
