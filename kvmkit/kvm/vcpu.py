@@ -233,6 +233,12 @@ class Vcpu(FdObject):
                 run.immediate_exit = 0
                 return exits.INTERRUPTED
             raise KvmIoctlError("KVM_RUN", err, self._describe())
+        return self.decode_exit()
+
+    def decode_exit(self) -> exits.VcpuExit:
+        """The typed exit described by the ``kvm_run`` page right now (after a
+        ``KVM_RUN`` that returned 0, e.g. one issued by the C fast path)."""
+        run = self._run_ptr
         reason = run.exit_reason
         if reason == _EXIT_IO:
             io = run.io
@@ -292,6 +298,12 @@ class Vcpu(FdObject):
         if len(data) != mmio.len:
             raise KvmError(f"MmioRead reply has {len(data)} bytes; the guest reads {mmio.len}")
         ffi.memmove(mmio.data, data, len(data))
+
+    def bind_thread(self, thread_ident: int | None) -> None:
+        """Tell :meth:`kick` which thread to signal while code other than :meth:`run`
+        (the runner's C fast path) issues ``KVM_RUN`` on this vCPU; ``None`` when it
+        stops."""
+        self._running_thread = thread_ident
 
     def kick(self) -> None:
         """Make a :meth:`run` in progress (or the next one) return ``Interrupted``.

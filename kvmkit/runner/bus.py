@@ -1,0 +1,70 @@
+"""The device bus: port-I/O and MMIO ranges, each claimed by one device.
+
+Dispatch is a dict lookup per port (ports are few) and a bisect per MMIO address.
+Unclaimed accesses are counted; they read as all ones and writes are dropped, unless
+the bus is ``strict``, when they raise :class:`BusError` naming the address and RIP.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Protocol
+
+from kvmkit.runner.errors import BusError
+
+
+class PortDevice(Protocol):
+    name: str
+
+    def io_out(self, port: int, size: int, data: bytes) -> None: ...
+
+    def io_in(self, port: int, size: int) -> int: ...
+
+
+class MmioDevice(Protocol):
+    name: str
+
+    def mmio_write(self, addr: int, data: bytes) -> None: ...
+
+    def mmio_read(self, addr: int, length: int) -> int: ...
+
+
+class Bus:
+    """Port and MMIO ranges → devices.  Registration happens before the vCPUs run;
+    lookups are then read-only and safe from every vCPU thread."""
+
+    def __init__(self) -> None:
+        self.ports: dict[int, PortDevice] = {}
+        self._mmio_starts: list[int] = []
+        self._mmio: list[tuple[int, int, MmioDevice]] = []
+
+    def register_ports(self, base: int, count: int, device: PortDevice) -> None:
+        if not (0 <= base and base + count <= 0x10000 and count > 0):
+            raise BusError(f"{device.name}: port range {base:#x}+{count} is outside 0..0xffff")
+        for port in range(base, base + count):
+            if port in self.ports:
+                raise BusError(
+                    f"{device.name}: port {port:#x} is already claimed by {self.ports[port].name}"
+                )
+        for port in range(base, base + count):
+            self.ports[port] = device
+
+    def register_mmio(self, base: int, length: int, device: MmioDevice) -> None:
+        if length <= 0:
+            raise BusError(f"{device.name}: MMIO range at {base:#x} has length {length}")
+        i = bisect.bisect_right(self._mmio_starts, base)
+        for start, ln, other in self._mmio[max(i - 1, 0) : i + 1]:
+            if base < start + ln and start < base + length:
+                raise BusError(
+                    f"{device.name}: MMIO {base:#x}+{length:#x} overlaps {other.name} at {start:#x}+{ln:#x}"
+                )
+        self._mmio_starts.insert(i, base)
+        self._mmio.insert(i, (base, length, device))
+
+    def mmio_device(self, addr: int) -> MmioDevice | None:
+        i = bisect.bisect_right(self._mmio_starts, addr) - 1
+        if i >= 0:
+            start, length, device = self._mmio[i]
+            if addr < start + length:
+                return device
+        return None

@@ -1,0 +1,18 @@
+"""QEMU's ``isa-debug-exit``: writing *v* ends the run.  QEMU's process then exits with
+``(v << 1) | 1``; ``kvmkit run`` exits with *v* itself."""
+
+from __future__ import annotations
+
+from kvmkit.runner.context import GuestExit
+
+DEBUG_EXIT_PORT = 0xF4
+
+
+class DebugExit:
+    name = "debug-exit"
+
+    def io_out(self, port: int, size: int, data: bytes) -> None:
+        raise GuestExit(int.from_bytes(data[:size], "little"))
+
+    def io_in(self, port: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
