@@ -224,6 +224,13 @@ class QemuMachine(trio.abc.AsyncResource):
                 open_qmp(self.qmp_socket, connect_timeout=max(1.0, deadline - trio.current_time()))
             )
         except ConnectError as exc:
+            # QEMU creates the socket before it checks devices: it may be exiting now.
+            with trio.move_on_after(3):
+                await self._exited.wait()
+            if self._exited.is_set():
+                raise self._launch_error(
+                    f"QEMU exited during start-up of {self.config.name}"
+                ) from exc
             raise self._launch_error(f"cannot connect to QEMU's QMP socket: {exc}") from exc
         stream = await trio.open_unix_socket(str(self.console_socket))
         self._console = SerialConsole(stream, name=f"{self.config.name} console")
