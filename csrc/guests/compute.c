@@ -45,8 +45,9 @@ static u64 count_primes_below(u64 limit)
 
     u64 count = 1; /* 2 */
     for (u64 low = 1; low < limit; low += 2 * SEG) {
-        u64 high = low + 2 * SEG; /* seg[i] stands for low + 2i, below high */
-        memset(seg, 0, SEG);
+        u64 high = limit - low > 2 * SEG ? low + 2 * SEG : limit; /* seg[i]: low + 2i < high */
+        u64 cells = (high - low + 1) / 2;
+        memset(seg, 0, cells);
         if (low == 1)
             seg[0] = 1; /* 1 is not prime */
         for (u64 k = 0; k < nbase; k++) {
@@ -58,8 +59,6 @@ static u64 count_primes_below(u64 limit)
                 seg[(m - low) / 2] = 1;
             next_multiple[k] = m;
         }
-        u64 cells = (high < limit ? high : limit) - low;
-        cells = (cells + 1) / 2;
         for (u64 i = 0; i < cells; i++)
             count += !seg[i];
     }

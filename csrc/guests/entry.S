@@ -64,6 +64,7 @@ kk_long_entry:
         movl    %eax, %gs
         movl    $KK_SEL_TSS, %eax
         ltr     %ax
+        lidt    kk_idt_ptr
         movq    $kk_boot_stack_top, %rsp
         movl    $kk_mark_long_mode, %eax
         movw    $PORT_MARK, %dx
@@ -88,8 +89,9 @@ kk_enter_user:
         iretq
 
 /* ---- exception stubs: push (error code or 0, vector) and go to kk_fault(frame) ----------- */
+/* They sit in .text.boot, right after the entry code, so all of them lie below 0x110000 and
+ * the IDT below can be built by the assembler and linker (the linker script checks it). */
         .macro ISR vec
-        .balign 16
 kk_isr\vec:
         .if (\vec == 8) || (\vec == 10) || (\vec == 11) || (\vec == 12) || (\vec == 13) || (\vec == 14) || (\vec == 17) || (\vec == 21) || (\vec == 29) || (\vec == 30)
         .else
@@ -97,17 +99,9 @@ kk_isr\vec:
         .endif
         pushq   $\vec
         jmp     kk_isr_common
-        .pushsection .rodata
-        .quad   kk_isr\vec
-        .popsection
         .endm
 
-        .pushsection .rodata
-        .balign 8
-        .globl kk_isr_table
-kk_isr_table:
-        .popsection
-        .text
+        .section .text.boot, "ax"
         .altmacro
         .set vec, 0
         .rept 32
@@ -123,6 +117,38 @@ kk_isr_common:
 1:      cli
         hlt
         jmp     1b
+        .globl kk_isr_end
+kk_isr_end:
+
+/* 64-bit interrupt gates, DPL 0, offsets 31:16 = 0x0010 and 63:32 = 0 (see above). */
+        .macro IDT_GATE vec
+        .word   kk_isr\vec - 0x100000
+        .word   KK_SEL_KERNEL_CODE
+        .byte   0, 0x8e
+        .word   0x0010
+        .long   0, 0
+        .endm
+
+        .data
+        .balign 16
+kk_idt:
+        .altmacro
+        .set vec, 0
+        .rept 32
+        IDT_GATE %vec
+        .set vec, vec + 1
+        .endr
+        .noaltmacro
+kk_idt_end:
+        .balign 2
+        .word   0, 0, 0
+        .globl kk_idt_ptr, kk_empty_idt_ptr
+kk_idt_ptr:
+        .word   kk_idt_end - kk_idt - 1
+        .quad   kk_idt
+kk_empty_idt_ptr:                      /* fault=triple: every vector out of bounds */
+        .word   0
+        .quad   kk_idt
 
 /* ---- AP trampoline: copied to KK_AP_TRAMPOLINE_ADDR, entered in real mode by SIPI -------- */
 /* Goes straight from real mode to long mode (PE and PG set together), which the SDM allows

@@ -144,9 +144,14 @@ static inline u32 kk_mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 /* runtime.c */
 void kk_putc(char c);
 void kk_write(const char *s, u64 len);
-void kk_puts(const char *s);
 void kk_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-void kk_mark(const char *label);
+/* Inline so that the length of a literal is computed by the compiler, not the guest. */
+static inline void kk_puts(const char *s) { kk_write(s, __builtin_strlen(s)); }
+static inline void kk_mark(const char *label)
+{
+    struct kk_hc_mark a = {(u64)label, __builtin_strlen(label)};
+    kk_hypercall(KK_HC_MARK, &a);
+}
 u64 kk_time_ns(void); /* 0 when no kvmkit runner answers (under QEMU) */
 __attribute__((noreturn)) void kk_exit(u32 code);
 __attribute__((noreturn)) void kk_fail(u32 code, const char *fmt, ...)
@@ -173,7 +178,7 @@ void kk_load_idt(void);
 
 void *memset(void *d, int c, u64 n);
 void *memcpy(void *d, const void *s, u64 n);
-u64 kk_strlen(const char *s);
+u64 strlen(const char *s);
 
 /* Provided by each program. */
 int main(void);
