@@ -230,7 +230,13 @@ kk_tss:
         .quad   kk_boot_stack_top       /* RSP0: where faults from CPL 3 land */
         .fill   88, 1, 0                /* RSP1, RSP2, IST1-7, reserved */
         .word   0
-        .word   kk_tss_end - kk_tss     /* I/O bitmap base past the limit: no bitmap */
+        .word   kk_tss_iomap - kk_tss   /* I/O permission bitmap offset */
+/* Every port allowed at CPL 3.  VT-x, AMD-V and TCG already allow it through IOPL = 3, but
+ * PVM runs user code with the hardware IOPL at 0 and emulates the trapped in/out, which it
+ * allows only when this bitmap does. */
+kk_tss_iomap:
+        .fill   65536 / 8, 1, 0
+        .byte   0xff                    /* the CPU may read one byte past the bitmap */
 kk_tss_end:
 
         .balign 8

@@ -37,6 +37,10 @@
  *     0xd0000000  mmio-storm's target; nothing backs it (the runner sees MMIO exits).
  *     0xfee00000  local APIC (xAPIC), used by smp.
  *
+ * CPL 3: entered with iretq, RFLAGS.IOPL = 3 and a TSS whose I/O permission bitmap allows
+ * every port, so port I/O (console, exit, hypercalls) works from user mode on VT-x, AMD-V,
+ * TCG and PVM (which ignores IOPL for user code and checks only the bitmap).
+ *
  * Faults: every exception vector 0-31 goes to a handler that prints
  *   "fault: vector N at RIP 0x..., error 0x..., cpl C[, cr2 0x...]\n"
  * on the debug console and exits with KK_FAULT_EXIT_CODE.  Interrupts stay disabled (IF=0)
