@@ -35,7 +35,7 @@ async def test_pci_disk_and_nic(kit_config: MachineConfig, qemu_base: Path, tmp_
         assert plugged.id not in [n["node-name"] for n in nodes]
         # The guest logged the events through its uevent watcher.
         log = await vm.console.run("cat /run/kvmkit-uevents")
-        assert f"add block /devices/" in log and f"remove block" in log
+        assert "add block /devices/" in log and "remove block" in log
 
         nic = await hotplug.add_nic(vm.qmp, console=vm.console)
         assert nic in await hotplug.device_ids(vm.qmp)
@@ -83,7 +83,8 @@ async def test_cpu_memory_and_balloon(guest_kit: object, qemu_base: Path) -> Non
         assert "offline" not in states
         await hotplug.remove_memory(vm.qmp, dimm)
         await hotplug.guest_wait(
-            console, f"[ \"$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\" = {before} ]"
+            console,
+            f"[ \"$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)\" = {before} ]",
         )
         # A failing second step rolls the first back: no backend object is left behind.
         with pytest.raises(HotplugError):
