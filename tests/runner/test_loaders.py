@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmkit.kvm import Kvm, Vm
-from kvmkit.kvm.modes import Mode
+from kvmkit.kvm import Hlt, IoOut, Kvm, Vm
+from kvmkit.kvm.modes import Mode, setup_protected_mode
 from kvmkit.runner.errors import ImageError, RunnerError
 from kvmkit.runner.loaders import (
     MULTIBOOT_BOOTLOADER_MAGIC,
@@ -606,3 +606,90 @@ def test_info_block_must_not_overlap_the_image(tmp_path: Path, vm: Vm) -> None:
     image = load_image(write(tmp_path, "low.bin", data), ram_size=2 * MiB)
     with pytest.raises(ImageError, match=r"low\.bin: the multiboot information block 0x9000-"):
         build_multiboot_info(vm, image, ram_size=2 * MiB, cmdline="low.bin")
+
+
+# A multiboot kernel (32-bit code after the header): print the command line, the first 4
+# bytes of module 0 and "1" when mbi->flags has MEM|CMDLINE|MODS|MMAP|BOOT_LOADER_NAME to
+# port 0xe9 (QEMU isa-debugcon), then write 0x10 to port 0xf4 (isa-debug-exit) and halt.
+_REPORTER = bytes.fromhex(
+    "8b7310"  # 00 mov 0x10(%ebx),%esi      mbi->cmdline
+    "66bae900"  # 03 mov $0xe9,%dx
+    "ac"  # 07 lodsb
+    "84c0"  # 08 test %al,%al
+    "7403"  # 0a jz 0x0f
+    "ee"  # 0c out %al,(%dx)
+    "ebf8"  # 0d jmp 0x07
+    "8b7318"  # 0f mov 0x18(%ebx),%esi      mbi->mods_addr
+    "8b36"  # 12 mov (%esi),%esi           mods[0].mod_start
+    "b904000000"  # 14 mov $4,%ecx
+    "f36e"  # 19 rep outsb
+    "8b03"  # 1b mov (%ebx),%eax           mbi->flags
+    "254d020000"  # 1d and $0x24d,%eax
+    "3d4d020000"  # 22 cmp $0x24d,%eax
+    "0f94c0"  # 27 sete %al
+    "0430"  # 2a add $'0',%al
+    "ee"  # 2c out %al,(%dx)
+    "b010"  # 2d mov $0x10,%al
+    "e6f4"  # 2f out %al,$0xf4
+    "f4"  # 31 hlt
+)
+_EXPECTED_CONSOLE = "kernel.bin hello" + "MOD!" + "1"
+
+
+def reporter_files(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """The reporter as an a.out-kludge flat image or as a multiboot ELF32."""
+    if kind == "kludge":
+        data, _ = kludge_image(code=_REPORTER, entry_delta=48)
+    else:
+        data = make_elf(32, 0x10000C, [Ph(0x100000, mb_header(0x3) + _REPORTER)])
+    kernel = write(tmp_path, "kernel.bin", data)
+    return kernel, write(tmp_path, "initrd", b"MOD!rest of the module")
+
+
+@pytest.mark.parametrize("kind", ["kludge", "elf32"])
+def test_a_multiboot_kernel_reads_its_info_block_on_the_vcpu(
+    tmp_path: Path, vm: Vm, kind: str
+) -> None:
+    vm.add_memory(0, RAM)
+    kernel, module = reporter_files(tmp_path, kind)
+    image = load_image(kernel, ram_size=RAM, reserved=[(0x20000, 0x2A000)])
+    place(image, vm)
+    ebx = build_multiboot_info(
+        vm, image, ram_size=RAM, cmdline="kernel.bin hello", modules=[Module(module, "initrd")]
+    )
+    cpu = vm.create_vcpu(0)
+    setup_protected_mode(cpu, entry=image.entry, stack=0x80000)
+    regs = cpu.get_regs()
+    regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, ebx
+    cpu.set_regs(regs)
+    console = bytearray()
+    for _ in range(100):  # bounded: the program makes about 20 exits
+        exit_ = cpu.run()
+        assert isinstance(exit_, IoOut), exit_
+        if exit_.port == 0xF4:
+            assert exit_.value == 0x10
+            break
+        assert exit_.port == 0xE9
+        console += exit_.data
+    else:
+        pytest.fail("the guest never wrote to the exit port")
+    assert console.decode() == _EXPECTED_CONSOLE
+    assert cpu.run() == Hlt()
+
+
+@pytest.mark.parametrize("kind", ["kludge", "elf32"])
+def test_the_same_kernel_under_qemu_prints_the_same(
+    tmp_path: Path, qemu_binary: str, kind: str
+) -> None:
+    kernel, module = reporter_files(tmp_path, kind)
+    out = tmp_path / "debugcon.txt"
+    proc = subprocess.run(
+        [qemu_binary, "-accel", "tcg", "-machine", "pc", "-m", "16", "-nodefaults",
+         "-display", "none", "-no-reboot", "-kernel", kernel.name, "-append", "hello",
+         "-initrd", module.name, "-chardev", f"file,id=dbg,path={out}",
+         "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=1"],
+        cwd=tmp_path, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == (0x10 << 1) | 1, proc.stderr
+    assert out.read_text() == _EXPECTED_CONSOLE
