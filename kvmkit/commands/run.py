@@ -35,18 +35,40 @@ def register(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", help="guest image, or the name of a bundled guest program (hello, compute, ...)")
-    p.add_argument("--mode", choices=["real", "protected", "long"], help="start mode (default: the image's)")
+    p.add_argument(
+        "image", help="guest image, or the name of a bundled guest program (hello, compute, ...)"
+    )
+    p.add_argument(
+        "--mode", choices=["real", "protected", "long"], help="start mode (default: the image's)"
+    )
     p.add_argument("--cpl", type=int, choices=[0, 3], default=0, help="privilege level to start at")
-    p.add_argument("--mem", type=parse_size, default=64 << 20, metavar="SIZE", help="guest RAM (default 64M)")
+    p.add_argument(
+        "--mem", type=parse_size, default=64 << 20, metavar="SIZE", help="guest RAM (default 64M)"
+    )
     p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (SMP via INIT/SIPI)")
     p.add_argument("--timeout", type=float, metavar="S", help="kick every vCPU after S seconds")
-    p.add_argument("--strict", action="store_true", help="an access to an unclaimed port/MMIO address is an error")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="an access to an unclaimed port/MMIO address is an error",
+    )
     p.add_argument("--stats", action="store_true", help="print exit statistics to stderr")
-    p.add_argument("--json", action="store_true", help="print the result and statistics as JSON on stdout")
-    p.add_argument("--python-loop", action="store_true", help="dispatch every exit in Python (no C fast path)")
-    p.add_argument("--append", default="", help='multiboot command line (the guest sees "<image-name> ARGS")')
-    p.add_argument("--module", action="append", default=[], metavar="FILE", help="multiboot module (repeatable)")
+    p.add_argument(
+        "--json", action="store_true", help="print the result and statistics as JSON on stdout"
+    )
+    p.add_argument(
+        "--python-loop", action="store_true", help="dispatch every exit in Python (no C fast path)"
+    )
+    p.add_argument(
+        "--append", default="", help='multiboot command line (the guest sees "<image-name> ARGS")'
+    )
+    p.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="multiboot module (repeatable)",
+    )
     p.add_argument("--load-addr", type=lambda s: int(s, 0), help="load address of a flat binary")
     p.set_defaults(func=run)
 

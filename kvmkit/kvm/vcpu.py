@@ -253,7 +253,7 @@ class Vcpu(FdObject):
         if reason == _EXIT_MMIO:
             mmio = run.mmio
             if mmio.is_write:
-                return exits.MmioWrite(mmio.phys_addr, bytes(ffi.buffer(mmio.data, mmio.len)))
+                return exits.MmioWrite(mmio.phys_addr, self._run_map[_MMIO_DATA : _MMIO_DATA + mmio.len])
             return exits.MmioRead(mmio.phys_addr, mmio.len, self)
         return self._decode_rare(run, reason)
 
@@ -329,3 +329,4 @@ _ZERO = ffi.cast("unsigned long", 0)
 _EXIT_IO = lib.KVM_EXIT_IO
 _EXIT_MMIO = lib.KVM_EXIT_MMIO
 _IO_OUT = lib.KVM_EXIT_IO_OUT
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + ffi.offsetof("kvmkit_run_mmio", "data")

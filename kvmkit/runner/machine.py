@@ -92,9 +92,11 @@ class RunResult:
         """What ``kvmkit run`` exits with."""
         if self.reason == "exit":
             return int(self.exit_code or 0) & 0xFF
-        return {"halt": STATUS_HALT, "timeout": STATUS_TIMEOUT, "interrupted": STATUS_INTERRUPTED}.get(
-            self.reason, STATUS_CRASH
-        )
+        return {
+            "halt": STATUS_HALT,
+            "timeout": STATUS_TIMEOUT,
+            "interrupted": STATUS_INTERRUPTED,
+        }.get(self.reason, STATUS_CRASH)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -122,7 +124,8 @@ def _add_ram(vm: Vm, size: int) -> None:
         vm.add_memory(HIGH_RAM_BASE, size - LOW_RAM_LIMIT)
 
 
-def _build_bus(ctx: RunContext, *, mem_size: int, vcpus: int) -> Bus:
+def build_bus(ctx: RunContext, *, mem_size: int, vcpus: int) -> Bus:
+    """The runner's standard devices on a fresh bus."""
     bus = Bus()
     bus.register_ports(DEBUGCON_PORT, 1, DebugConsole(ctx.console))
     bus.register_ports(DEBUG_EXIT_PORT, 4, DebugExit())
@@ -174,7 +177,7 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
             vm.set_tss_addr(TSS_ADDR)
             place(image, vm)
             ctx = RunContext(vm, echo=config.echo)
-            bus = _build_bus(ctx, mem_size=config.mem_size, vcpus=config.vcpus)
+            bus = build_bus(ctx, mem_size=config.mem_size, vcpus=config.vcpus)
             cpuid = kvm.supported_cpuid()
             vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
             boot = vcpus[0]
@@ -183,7 +186,12 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
                 cmdline = f"{config.image.name} {config.append}".rstrip()
                 modules = [Module(Path(m), Path(m).name) for m in config.modules]
                 info = build_multiboot_info(
-                    vm, image, ram_size=config.mem_size, cmdline=cmdline, modules=modules, info_addr=MULTIBOOT_INFO_AT
+                    vm,
+                    image,
+                    ram_size=config.mem_size,
+                    cmdline=cmdline,
+                    modules=modules,
+                    info_addr=MULTIBOOT_INFO_AT,
                 )
                 regs = boot.get_regs()
                 regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, info
@@ -198,7 +206,9 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
             kvm.close()
 
 
-def _run_vcpus(config: RunConfig, ctx: RunContext, bus: Bus, vcpus: list[Any], kind: str, mode: Mode) -> RunResult:
+def _run_vcpus(
+    config: RunConfig, ctx: RunContext, bus: Bus, vcpus: list[Any], kind: str, mode: Mode
+) -> RunResult:
     stopping = threading.Event()
     loops = [VcpuLoop(v, bus, ctx, stopping, strict=config.strict) for v in vcpus]
     outcomes: list[Outcome | None] = [None] * len(vcpus)
@@ -219,7 +229,10 @@ def _run_vcpus(config: RunConfig, ctx: RunContext, bus: Bus, vcpus: list[Any], k
                     other.kick()
 
     start = time.monotonic()
-    threads = [threading.Thread(target=body, args=(i,), name=f"vcpu{i}", daemon=True) for i in range(len(vcpus))]
+    threads = [
+        threading.Thread(target=body, args=(i,), name=f"vcpu{i}", daemon=True)
+        for i in range(len(vcpus))
+    ]
     for t in threads:
         t.start()
     reason_override: str | None = None
@@ -243,8 +256,14 @@ def _run_vcpus(config: RunConfig, ctx: RunContext, bus: Bus, vcpus: list[Any], k
     wall = time.monotonic() - start
     stats = RunStats.merge([lp.stats for lp in loops], ctx.marks, wall)
     result = RunResult(
-        reason="", exit_code=None, console=ctx.console.text(), stats=stats,
-        image_kind=kind, mode=mode.value, cpl=config.cpl, loop="python" if config.python_loop else "c",
+        reason="",
+        exit_code=None,
+        console=ctx.console.text(),
+        stats=stats,
+        image_kind=kind,
+        mode=mode.value,
+        cpl=config.cpl,
+        loop="python" if config.python_loop else "c",
     )
     ended = [o for o in outcomes if o is not None and o.kind != "stopped"]
     if reason_override:

@@ -45,7 +45,8 @@ class VcpuStats:
     exits: Counter[str] = field(default_factory=Counter)
     ports: Counter[int] = field(default_factory=Counter)
     mmio: Counter[int] = field(default_factory=Counter)
-    unclaimed: Counter[str] = field(default_factory=Counter)
+    #: (``"port"`` or ``"mmio"``, address) -> accesses nothing claimed
+    unclaimed: Counter[tuple[str, int]] = field(default_factory=Counter)
     kvm_run_calls: int = 0
     ns_in_run: int = 0
     ns_total: int = 0
@@ -58,7 +59,7 @@ class RunStats:
     exits: Counter[str] = field(default_factory=Counter)
     ports: Counter[int] = field(default_factory=Counter)
     mmio: Counter[int] = field(default_factory=Counter)
-    unclaimed: Counter[str] = field(default_factory=Counter)
+    unclaimed: Counter[tuple[str, int]] = field(default_factory=Counter)
     kvm_run_calls: int = 0
     time_in_guest_s: float = 0.0
     time_in_vmm_s: float = 0.0
@@ -87,12 +88,16 @@ class RunStats:
             "exits": dict(sorted(self.exits.items())),
             "exits_by_port": {f"{p:#x}": n for p, n in sorted(self.ports.items())},
             "exits_by_mmio_address": {f"{a:#x}": n for a, n in sorted(self.mmio.items())},
-            "unclaimed": dict(sorted(self.unclaimed.items())),
+            "unclaimed": {
+                f"{kind}:{addr:#x}": n for (kind, addr), n in sorted(self.unclaimed.items())
+            },
             "kvm_run_calls": self.kvm_run_calls,
             "time_in_guest_s": round(self.time_in_guest_s, 6),
             "time_in_vmm_s": round(self.time_in_vmm_s, 6),
             "wall_s": round(self.wall_s, 6),
-            "marks": [{"label": m.label, "t_s": round(m.t_s, 6), "vcpu": m.vcpu} for m in self.marks],
+            "marks": [
+                {"label": m.label, "t_s": round(m.t_s, 6), "vcpu": m.vcpu} for m in self.marks
+            ],
         }
 
     def format_table(self) -> str:
@@ -110,8 +115,15 @@ class RunStats:
             for addr, n in self.mmio.most_common(10):
                 lines.append(f"  {addr:#012x}     {n:>10}")
         if self.unclaimed:
-            lines.append("unclaimed accesses: " + ", ".join(f"{k} x{n}" for k, n in self.unclaimed.items()))
-        per_exit = (self.time_in_guest_s + self.time_in_vmm_s) / self.total_exits * 1e6 if self.total_exits else 0.0
+            lines.append(
+                "unclaimed accesses: "
+                + ", ".join(f"{k} {a:#x} x{n}" for (k, a), n in self.unclaimed.items())
+            )
+        per_exit = (
+            (self.time_in_guest_s + self.time_in_vmm_s) / self.total_exits * 1e6
+            if self.total_exits
+            else 0.0
+        )
         lines += [
             f"KVM_RUN calls     {self.kvm_run_calls:>10}",
             f"time in KVM_RUN   {self.time_in_guest_s:>10.6f} s   (guest + kernel)",

@@ -30,7 +30,12 @@ class Hypercalls:
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        self._handlers = {HC_TIME: self._time, HC_PUTS: self._puts, HC_EXIT: self._exit, HC_MARK: self._mark}
+        self._handlers = {
+            HC_TIME: self._time,
+            HC_PUTS: self._puts,
+            HC_EXIT: self._exit,
+            HC_MARK: self._mark,
+        }
 
     def io_out(self, port: int, size: int, data: bytes) -> None:
         handler = self._handlers.get(port - HYPERCALL_BASE)
