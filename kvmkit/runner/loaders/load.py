@@ -48,7 +48,8 @@ def load_image(
     The kind is detected in this order: a multiboot v1 header (loaded by the a.out-kludge
     addresses when flag bit 16 is set, else as an ELF32 by its program headers), an ELF32
     (i386) or ELF64 (x86-64) executable, else a flat binary, which needs ``load_addr`` and
-    starts there in ``flat_mode``.
+    starts there in ``flat_mode``.  ``load_addr`` and ``flat_mode`` are ignored for the
+    other kinds: they say where they go and how they start.
 
     ``reserved`` holds half-open ``(start, end)`` guest-physical ranges the caller keeps
     for itself (page tables, GDT, stacks); no segment may touch them.  Every fault of the

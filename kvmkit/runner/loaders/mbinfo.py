@@ -105,6 +105,8 @@ def build_multiboot_info(
     address (what EBX gets; EAX gets :data:`MULTIBOOT_BOOTLOADER_MAGIC`).
 
     ``cmdline`` is written exactly as given (QEMU passes ``"<image-name> <append>"``).
+    Modules start at ``modules_addr`` (default: after ``max(image.end, 1 MiB)``), rounded
+    up to a page, each on its own page.
     The caller guarantees ``vm`` maps ``[0, ram_size)`` and has the image placed already
     or places it afterwards; nothing is written unless everything fits.  Raises
     :class:`ImageError` when the block does not fit in ``[info_addr, 0x10000)``, overlaps
