@@ -1,0 +1,112 @@
+"""`kvmkit vm` end to end against real QEMU: one VM through the virsh verbs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmkit.cli import main
+from kvmkit.qemu import qemu_img
+
+
+def _kvmkit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(["vm", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _ok(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    status, out, err = _kvmkit(capsys, *argv)
+    assert status == 0, f"kvmkit vm {' '.join(argv)} failed: {err}"
+    return out
+
+
+def test_vm_cli_lifecycle(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    qemu_base: Path,
+    guest_kit: object,
+) -> None:
+    state = qemu_base / "cli-state"
+    monkeypatch.setenv("KVMKIT_STATE_DIR", str(state))
+    disk = qemu_base / "cli-disk.qcow2"
+    extra = qemu_base / "cli-extra.raw"
+    qemu_img.create(disk, "32M")
+    qemu_img.create(extra, "8M", fmt="raw")
+    try:
+        out = _ok(capsys, "start", "demo", "--disk", str(disk), "--quiet")
+        assert "guest ready" in out and "accelerator" in out
+        vm_dir = state / "vms" / "demo"
+        assert vm_dir.stat().st_mode & 0o777 == 0o700
+        assert {"config.json", "qmp.sock", "console.sock", "qemu.pid"} <= {
+            p.name for p in vm_dir.iterdir()
+        }
+        status, _, err = _kvmkit(capsys, "start", "demo")
+        assert status == 1 and "already running" in err
+
+        rows = json.loads(_ok(capsys, "list", "--json"))
+        assert [(r["name"], r["state"]) for r in rows] == [("demo", "running")]
+        assert _ok(capsys, "console", "demo", "-c", "echo hello-$((6*7))").strip() == "hello-42"
+
+        _ok(capsys, "suspend", "demo")
+        assert json.loads(_ok(capsys, "list", "--json"))[0]["state"] == "paused"
+        _ok(capsys, "resume", "demo")
+        assert "balloon at 200 MiB" in _ok(capsys, "setmem", "demo", "200")
+
+        _ok(capsys, "attach-disk", "demo", str(extra), "--id", "xd")
+        wait_vdb = "for i in $(seq 100); do [ -e /sys/block/vdb ] && break; sleep 0.1; done"
+        assert "vdb" in _ok(capsys, "console", "demo", "-c", f"{wait_vdb}; ls /sys/block")
+        assert "DEVICE_DELETED" in _ok(capsys, "detach-disk", "demo", "xd")
+
+        _ok(capsys, "console", "demo", "-c", "echo one > /tmp/s")
+        _ok(capsys, "snapshot", "demo", "snap1")
+        _ok(capsys, "console", "demo", "-c", "echo two > /tmp/s")
+        _ok(capsys, "revert", "demo", "snap1")
+        assert _ok(capsys, "console", "demo", "-c", "cat /tmp/s").strip() == "one"
+
+        old_pid = int((vm_dir / "qemu.pid").read_text())
+        stats = json.loads(_ok(capsys, "migrate", "demo", "--json"))
+        assert stats["status"] == "completed" and stats["transferred_bytes"] > 0
+        new_pid = int((vm_dir / "qemu.pid").read_text())
+        assert new_pid != old_pid
+        assert _ok(capsys, "console", "demo", "-c", "cat /tmp/s").strip() == "one"
+        reply = json.loads(_ok(capsys, "qmp", "demo", "query-status"))
+        assert reply["status"] == "running"
+        status, _, err = _kvmkit(capsys, "qmp", "demo", "no-such-command")
+        assert status == 1 and "no-such-command" in err
+
+        # A QEMU that dies is shown as dead and can be cleaned up.
+        os.kill(new_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while json.loads(_ok(capsys, "list", "--json"))[0]["state"] != "dead":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "demo" in _ok(capsys, "cleanup")
+        assert json.loads(_ok(capsys, "list", "--json"))[0]["state"] == "shut off"
+
+        out = _ok(capsys, "clone", "demo", "demo2", "--linked")
+        assert "linked clone" in out
+        info = json.loads(_ok(capsys, "info", "demo2", "--json"))
+        clone_disk = info["config"]["drives"][0]["path"]
+        assert qemu_img.info(clone_disk)["backing-filename"] == str(disk)
+        _ok(capsys, "autostart", "demo2")
+        assert json.loads(_ok(capsys, "list", "--json"))[1]["autostart"] is True
+
+        status, _, err = _kvmkit(capsys, "start", "bad", "--kernel", "/nonexistent/kernel")
+        assert status == 1 and "exit code 1" in err and "/nonexistent/kernel" in err
+        assert [r["name"] for r in json.loads(_ok(capsys, "list", "--json"))] == ["demo", "demo2"]
+        _ok(capsys, "destroy", "demo", "--undefine")
+        _ok(capsys, "destroy", "demo2", "--undefine")
+        assert json.loads(_ok(capsys, "list", "--json")) == []
+    finally:
+        for name in ("demo", "demo2"):
+            main(["vm", "destroy", name, "--undefine"])
+        shutil.rmtree(state, ignore_errors=True)
+        disk.unlink(missing_ok=True)
+        extra.unlink(missing_ok=True)
