@@ -21,7 +21,9 @@ The constants below mirror ``csrc/guests/kvmkit_guest.h``, which documents the A
   :data:`MMIO_STORM_ADDR`; smp copies its real-mode AP trampoline to
   :data:`AP_TRAMPOLINE_ADDR` and drives the xAPIC at :data:`LAPIC_BASE`;
 - an exception prints ``fault: vector N at RIP 0x...`` and exits with
-  :data:`FAULT_EXIT_CODE`.
+  :data:`FAULT_EXIT_CODE`;
+- the command line is multiboot's (``"<image> key=value ..."``): ``n=``, ``cpl=0|3``,
+  ``console=puts``, ``fault=ud|pf|gp|triple|user-ud|user-pf|user-gp``.
 """
 
 from __future__ import annotations
@@ -70,8 +72,13 @@ UNMAPPED_ADDR = 0x8000_0000
 MAX_CPUS = 64
 #: Where the images are linked and loaded (the multiboot convention).
 LOAD_ADDR = 0x10_0000
-#: Guest RAM the images need: the image with its stacks ends below 2 MiB.
+#: The images, with their stacks and buffers, end below this (the linker script checks it).
+IMAGE_END_MAX = 0x20_0000
+#: Guest RAM the images need.
 MIN_GUEST_RAM = 4 << 20
+#: MARK hypercall labels every guest emits, in order (programs add their own in between,
+#: and "user-mode" follows "main" when the work runs at CPL 3).
+BOOT_MARKS: tuple[str, ...] = ("entry", "long-mode", "main", "done")
 #: multiboot v1 handshake: the header magic in the image, the EAX value at entry.
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
 MULTIBOOT_BOOT_MAGIC = 0x2BADB002

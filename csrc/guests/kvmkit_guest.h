@@ -12,15 +12,21 @@
  * below as a Python constant; keep the two in step.
  *
  * Ports
- *   0x00e9  debug console (QEMU isa-debugcon): each `outb` is one byte of output.
+ *   0x00e9  debug console (QEMU isa-debugcon): one byte per write.  The runtime writes a
+ *           string with `rep outsb`; KVM still makes that one I/O exit per byte (count 1).
  *   0x00f4  exit (QEMU isa-debug-exit, iosize=4): `outl` of v ends the run.  QEMU's process
- *           exits with (v << 1) | 1, kvmkit's runner with v.
+ *           exits with (v << 1) | 1, kvmkit's runner with v.  Only if the guest is still
+ *           running after that does it try the EXIT hypercall, then halts.
  *   0x0500 + nr  hypercalls, Solo5 hvt style: `outl` of the 32-bit guest-physical address
  *           of the argument struct (layouts below, little endian, 8-byte fields).
  *             nr 1 TIME  { u64 nsecs; }                out: host monotonic clock, ns
  *             nr 2 PUTS  { u64 data_gpa; u64 len; }    console output, one exit per call
  *             nr 3 EXIT  { u64 code; }                 end the run with `code`
  *             nr 4 MARK  { u64 label_gpa; u64 label_len; }  host records (time, label)
+ *           Marks, in order: "entry" (first instruction, 32-bit), "long-mode", "main",
+ *           "user-mode" (after the switch to CPL 3), the program's own ("sieve-start",
+ *           "sieve-end", "storm-start", "storm-end", "sipi", "all-cpus-up"), "done" (right
+ *           before the exit write).  Label strings are not NUL-terminated.
  *   0x0510  fw_cfg selector (16-bit write); 0x0511 fw_cfg data (byte reads).
  *           keys: 0x05 number of CPUs (u16 LE), 0x03 RAM size (u64 LE).
  *   0x0600  io-storm's port: written with `outb`, nothing reads it.  The runner should
@@ -29,8 +35,12 @@
  * Memory (guest-physical, identity-mapped by the guest's own page tables)
  *   0x00008000  smp's AP real-mode trampoline (SIPI vector 0x08), copied there by the BSP
  *               after it has read the multiboot info and command line.
- *   0x00100000  the image: .text, .rodata, .data (page tables, GDT, TSS), .bss (stacks,
- *               buffers) up to the symbol `_end` (about 1.4 MiB; give guests >= 4 MiB RAM).
+ *   0x00100000  the image: .text (multiboot header, entry, exception stubs), .rodata,
+ *               .data (page tables, GDT, IDT, TSS with I/O bitmap), .bss (16 KiB kernel
+ *               stack = TSS.RSP0, 16 KiB user stack, 64 x 4 KiB AP stacks, buffers) up to
+ *               the symbol `_end` (below 2 MiB, checked at link time; give guests >= 4 MiB).
+ *   The multiboot info: the guest reads only `flags` and `cmdline` (and copies the command
+ *   line) before anything else, so the loader may put it anywhere outside the image.
  *   0 - 1 GiB   mapped write-back with 2 MiB pages, user-accessible.
  *   1 - 3 GiB   not mapped: any access is a page fault (fault=pf uses 0x80000000).
  *   3 - 4 GiB   mapped uncacheable (PCD|PWT), user-accessible: MMIO.
@@ -41,16 +51,23 @@
  * every port, so port I/O (console, exit, hypercalls) works from user mode on VT-x, AMD-V,
  * TCG and PVM (which ignores IOPL for user code and checks only the bitmap).
  *
- * Faults: every exception vector 0-31 goes to a handler that prints
+ * Faults: the IDT is built by the assembler (no run-time set-up); vectors 0-31 go to stubs
+ * in .text (below 0x110000, as the IDT assumes), then to a handler that prints
  *   "fault: vector N at RIP 0x..., error 0x..., cpl C[, cr2 0x...]\n"
  * on the debug console and exits with KK_FAULT_EXIT_CODE.  Interrupts stay disabled (IF=0)
- * from entry to exit, at CPL 0 and CPL 3 alike.
+ * from entry to exit, at CPL 0 and CPL 3 alike; no vector above 31 is ever expected.
+ *
+ * SMP: the BSP starts the APs with INIT, SIPI, SIPI (vector 0x08) broadcast to all but
+ * itself; each AP runs the trampoline at 0x8000 (real mode straight to long mode), reports
+ * and then halts with IF=0 for good.  Halted APs never exit on their own: the host must
+ * stop them when the BSP exits.
  *
  * Exit codes: 0 success, 1 the program's own check failed, 2 a bad command-line value,
  * 3 a CPU exception (KK_FAULT_EXIT_CODE).
  *
  * Command line (multiboot cmdline; QEMU passes "<image> args"): whitespace-separated
- * key=value tokens; tokens that are not key=value (the image name) are ignored.
+ * key=value tokens.  A first token without '=' (the image name) is dropped; any other
+ * token that is not key=value is ignored.
  *   n=N          workload size (compute, io-storm, mmio-storm)
  *   cpl=0|3      privilege level for the workload (compute, io-storm, mmio-storm; default 3)
  *   console=puts use the PUTS hypercall instead of port 0xe9 (kvmkit runner only)
