@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +147,8 @@ def test_concurrent_builds_agree(cache: Path) -> None:
     assert [p.name for p in results[0].parent.iterdir()] == ["compute.elf"]
 
 
+REPO = Path(guests.__file__).resolve().parents[1]
+
 HEADER_TO_PYTHON = {
     "KK_PORT_DEBUGCON": "PORT_DEBUGCON",
     "KK_PORT_EXIT": "PORT_EXIT",
@@ -176,3 +180,38 @@ def test_python_constants_mirror_the_c_header() -> None:
     assert set(HEADER_TO_PYTHON) <= set(defines)
     for c_name, py_name in HEADER_TO_PYTHON.items():
         assert getattr(guests, py_name) == defines[c_name], c_name
+
+
+@pytest.mark.parametrize("source", sorted(p.name for p in guests.guest_source_dir().glob("*.[cS]")))
+def test_sources_compile_without_warnings(source: str, tmp_path: Path) -> None:
+    src = guests.guest_source_dir()
+    proc = subprocess.run(
+        ["gcc", *guests._CFLAGS, "-Werror", f"-I{src}", "-c", str(src / source), "-o",
+         str(tmp_path / "out.o")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_command_line_entry_builds_every_guest(cache: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmkit.guests"],
+        cwd=REPO,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [name for name, _ in lines] == list(guests.GUEST_NAMES)
+    assert all(Path(path).is_file() and Path(path).is_relative_to(cache) for _, path in lines)
+
+
+def test_command_line_entry_reports_a_build_error_in_one_line(cache: Path, sources: Path) -> None:
+    (sources / "hello.c").write_text("this is not C\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmkit.guests"],
+        cwd=REPO,
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("kvmkit.guests: error: compiling hello.c for guest 'hello'")
+    assert "Traceback" not in proc.stderr
