@@ -29,6 +29,8 @@
         .code32
         .globl _start
 _start:
+        cli                             /* multiboot promises IF = 0 but leaves DF undefined; */
+        cld                             /* the runtime's rep string instructions need DF = 0 */
         movl    %eax, %edi              /* kk_start(magic, mbi) */
         movl    %ebx, %esi
         movl    $kk_mark_entry, %eax
