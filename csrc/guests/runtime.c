@@ -253,7 +253,7 @@ u64 kk_arg_u64(const char *key, u64 def)
         v += 2;
     }
     u64 r = 0;
-    int digits = 0;
+    int digits = 0, bad = 0;
     for (; !is_space(*v); v++, digits++) {
         unsigned d;
         if (*v >= '0' && *v <= '9')
@@ -265,10 +265,10 @@ u64 kk_arg_u64(const char *key, u64 def)
         else
             d = 99;
         if (d >= base || r > (~0UL - d) / base)
-            digits = -1000;
+            bad = 1;
         r = r * base + d;
     }
-    if (digits <= 0)
+    if (bad || !digits)
         kk_fail(2, "bad value for %s=: expected a decimal or 0x-hex number below 2^64\n", key);
     return r;
 }
