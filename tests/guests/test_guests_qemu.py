@@ -122,6 +122,7 @@ def test_fault_with_an_empty_idt_shuts_the_cpu_down(boot: BootFn) -> None:
         ("io-storm", "n=", "bad value for n=: expected a decimal or 0x-hex number"),
         ("compute", "n=99999999999999999999", "bad value for n=: "),  # above 2^64
         ("compute", "n=4294967297", "compute: n=4294967297 is too large"),
+        ("compute", "n=0xffffffffffffffff", "compute: n=18446744073709551615 is too large"),
         ("mmio-storm", "cpl=1", "bad value for cpl=: expected 0 or 3"),
         ("hello", "fault=segv", "bad value for fault=: expected ud, pf, gp, triple"),
     ],
