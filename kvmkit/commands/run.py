@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         modules=[Path(m) for m in args.module],
         load_addr=args.load_addr,
-        echo=None if args.json else sys.stdout,
+        echo=sys.stderr if args.json else sys.stdout,  # with --json, stdout is the JSON
     )
     try:
         result = run_guest(config)

@@ -223,17 +223,20 @@ class Vcpu(FdObject):
         """
         if self._fd < 0:
             self._check_open()
-        run = self._run_ptr
         self._running_thread = threading.get_ident()
         rc = lib.ioctl(self._fd, ioctls.KVM_RUN, _ZERO)
         self._running_thread = None
         if rc < 0:
-            err = ffi.errno
-            if err in (errno.EINTR, errno.EAGAIN):
-                run.immediate_exit = 0
-                return exits.INTERRUPTED
-            raise KvmIoctlError("KVM_RUN", err, self._describe())
+            return self.interrupted_or_raise(ffi.errno)
         return self.decode_exit()
+
+    def interrupted_or_raise(self, err: int) -> exits.VcpuExit:
+        """What a ``KVM_RUN`` that failed with ``err`` means: ``Interrupted`` for a kick
+        or signal (and ``immediate_exit`` is reset), else :class:`KvmIoctlError`."""
+        if err in (errno.EINTR, errno.EAGAIN):
+            self._run_ptr.immediate_exit = 0
+            return exits.INTERRUPTED
+        raise KvmIoctlError("KVM_RUN", err, self._describe())
 
     def decode_exit(self) -> exits.VcpuExit:
         """The typed exit described by the ``kvm_run`` page right now (after a
@@ -253,7 +256,9 @@ class Vcpu(FdObject):
         if reason == _EXIT_MMIO:
             mmio = run.mmio
             if mmio.is_write:
-                return exits.MmioWrite(mmio.phys_addr, self._run_map[_MMIO_DATA : _MMIO_DATA + mmio.len])
+                return exits.MmioWrite(
+                    mmio.phys_addr, self._run_map[_MMIO_DATA : _MMIO_DATA + mmio.len]
+                )
             return exits.MmioRead(mmio.phys_addr, mmio.len, self)
         return self._decode_rare(run, reason)
 

@@ -1,0 +1,235 @@
+"""The same ``compute`` guest image run four ways — kvmkit's runner at CPL 3 and at CPL 0,
+QEMU with ``-accel kvm`` and QEMU with ``-accel tcg`` — each as a whole process, timed
+with a trivial workload and with a real one.  The difference is the time the workload
+itself took under that engine, boot and process start-up excluded.
+
+Engines differ by orders of magnitude (on a PVM host, CPL-0 code is emulated), so one
+workload size cannot suit all four: each engine's size grows until its workload takes a
+measurable time, and engines are compared by throughput (numbers sieved per second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmkit.guests import build_guest, qemu_exit_status
+
+MAX_N = 1_000_000_000
+
+
+def qemu_kernel_command(
+    image: str | Path,
+    *,
+    accel: str,
+    append: str = "",
+    console: str | Path | None = None,
+    smp: int = 1,
+    memory_mib: int = 64,
+) -> list[str]:
+    """A QEMU command line that boots a kvmkit guest program the way the runner does:
+    multiboot ``-kernel``, debug console on 0xe9 (to the file ``console``, to ``"stdio"``,
+    or nowhere), exit on 0xf4."""
+    if console == "stdio":
+        chardev = "stdio,id=con"
+    else:
+        chardev = f"file,id=con,path={console}" if console else "null,id=con"
+    cmd = [
+        "qemu-system-x86_64",
+        "-accel",
+        accel,
+        "-machine",
+        "pc",
+        "-m",
+        str(memory_mib),
+        "-smp",
+        str(smp),
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-kernel",
+        str(image),
+        "-device",
+        "isa-debugcon,iobase=0xe9,chardev=con",
+        "-chardev",
+        chardev,
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+    ]
+    if append:
+        cmd += ["-append", append]
+    return cmd
+
+
+@dataclass
+class EngineRun:
+    engine: str
+    kind: str  # what kind of virtualization this is, in a few words
+    n: int = 0
+    compute_s: float = 0.0
+    boot_s: float = 0.0
+    exits: int | None = None
+    answer: str = ""
+    skipped: str | None = None
+
+    @property
+    def rate(self) -> float:
+        """Numbers sieved per second of workload time."""
+        return self.n / self.compute_s if self.compute_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rate_per_s"] = self.rate
+        return d
+
+
+def _kvm_usable() -> str | None:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is missing or not accessible"
+    return None
+
+
+def _timed_lines(
+    cmd: list[str], stream: str, timeout: float
+) -> tuple[list[tuple[float, str]], str, int]:
+    """Run ``cmd``; return each line of its console stream (``stdout`` or ``stderr``) with
+    the seconds since start at which it arrived, the other stream, and the exit status."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watched, other = (
+        (proc.stdout, proc.stderr) if stream == "stdout" else (proc.stderr, proc.stdout)
+    )
+    assert watched is not None and other is not None
+    lines: list[tuple[float, str]] = []
+    try:
+        for line in watched:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            if time.perf_counter() - start > timeout:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+        rest = other.read()
+        status = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return lines, rest, status
+
+
+def _workload_times(lines: list[tuple[float, str]]) -> tuple[float, float, str]:
+    """(boot, workload, answer) from the console: the workload runs between the line
+    announcing it and the line with the answer."""
+    begin = next((t for t, line in lines if "counting primes" in line), None)
+    end = next(
+        ((t, line) for t, line in lines if "primes below" in line and "counting" not in line), None
+    )
+    if begin is None or end is None:
+        raise RuntimeError(
+            "the guest did not print its start and result lines: "
+            + " | ".join(x for _, x in lines)[-300:]
+        )
+    return begin, end[0] - begin, end[1]
+
+
+def _runner(image: Path, n: int, cpl: int, timeout: float) -> tuple[float, float, int | None, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvmkit",
+        "run",
+        str(image),
+        "--append",
+        f"n={n} cpl={cpl}",
+        "--json",
+    ]
+    lines, stdout, status = _timed_lines(cmd, "stderr", timeout)
+    if status != 0:
+        raise RuntimeError(f"kvmkit run exited {status}: {' | '.join(x for _, x in lines)[-300:]}")
+    boot, work, answer = _workload_times(lines)
+    return boot, work, sum(json.loads(stdout)["exits"].values()), answer
+
+
+def _qemu(image: Path, n: int, accel: str, timeout: float) -> tuple[float, float, int | None, str]:
+    cmd = qemu_kernel_command(image, accel=accel, append=f"n={n}", console="stdio")
+    lines, stderr, status = _timed_lines(cmd, "stdout", timeout)
+    if status != qemu_exit_status(0):
+        raise RuntimeError(f"QEMU ({accel}) exited {status}: {stderr.strip()[-300:]}")
+    boot, work, answer = _workload_times(lines)
+    return boot, work, None, answer
+
+
+def compare_engines(
+    *, target_s: float = 0.5, start_n: int = 100_000, timeout: float = 600.0
+) -> list[EngineRun]:
+    """Run ``compute`` four ways.  Each engine's ``n`` starts at ``start_n`` and grows
+    (x10, or x100 while far too fast) until its workload takes ``target_s`` or ``n``
+    reaches :data:`MAX_N`.  Engines this host cannot offer come back with ``skipped``
+    set to the reason."""
+    image = build_guest("compute")
+    runs = [
+        EngineRun("kvmkit runner, CPL 3", "hardware-assisted: guest user code runs on the CPU"),
+        EngineRun(
+            "kvmkit runner, CPL 0", "hardware-assisted: guest kernel code (emulated by KVM on PVM)"
+        ),
+        EngineRun("QEMU -accel kvm", "hardware-assisted, full PC (BIOS, devices) in QEMU"),
+        EngineRun("QEMU -accel tcg", "full emulation: QEMU translates every guest instruction"),
+    ]
+    no_kvm = _kvm_usable()
+    no_qemu = None if shutil.which("qemu-system-x86_64") else "qemu-system-x86_64 is not installed"
+    for run in runs:
+        try:
+            if run.engine.startswith("kvmkit"):
+                if no_kvm:
+                    run.skipped = no_kvm
+                    continue
+                cpl = 3 if "CPL 3" in run.engine else 0
+
+                def measure(n: int, cpl: int = cpl) -> tuple[float, float, int | None, str]:
+                    return _runner(image, n, cpl, timeout)
+            else:
+                accel = run.engine.split()[-1]
+                if no_qemu or (accel == "kvm" and no_kvm):
+                    run.skipped = no_qemu or no_kvm
+                    continue
+
+                def measure(n: int, accel: str = accel) -> tuple[float, float, int | None, str]:
+                    return _qemu(image, n, accel, timeout)
+
+            n = start_n
+            while True:
+                run.n = n
+                run.boot_s, run.compute_s, run.exits, run.answer = measure(n)
+                spent = run.compute_s
+                if spent >= target_s or n >= MAX_N:
+                    break
+                n = min(n * (100 if spent < target_s / 50 else 10), MAX_N)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            run.skipped = f"failed: {exc}"
+    return runs
+
+
+def format_engines(runs: list[EngineRun]) -> str:
+    """A table with the slowdown of each engine against the fastest."""
+    best = max((r.rate for r in runs if r.skipped is None), default=0.0)
+    lines = [
+        f"  {'engine':<22} {'n':>13} {'workload':>9} {'boot':>8} {'exits':>6} {'numbers/s':>10} {'slowdown':>9}",
+    ]
+    for r in runs:
+        if r.skipped:
+            lines.append(f"  {r.engine:<22} skipped: {r.skipped}")
+            continue
+        slow = f"{best / r.rate:8.1f}x" if r.rate else "       -"
+        exits = f"{r.exits:>6}" if r.exits is not None else f"{'n/a':>6}"
+        lines.append(
+            f"  {r.engine:<22} {r.n:>13,} {r.compute_s:>8.3f}s {r.boot_s:>7.3f}s {exits} {r.rate:>10.3g} {slow}"
+        )
+    answers = {r.answer for r in runs if r.skipped is None}
+    lines.append("  every engine computed: " + "; ".join(sorted(answers)))
+    return "\n".join(lines)
