@@ -10,12 +10,14 @@ measurable time, and engines are compared by throughput (numbers sieved per seco
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +140,11 @@ def _workload_times(lines: list[tuple[float, str]]) -> tuple[float, float, str]:
     return begin, end[0] - begin, end[1]
 
 
-def _runner(image: Path, n: int, cpl: int, timeout: float) -> tuple[float, float, int | None, str]:
+#: (boot seconds, workload seconds, exits or None, the answer line)
+Measured = tuple[float, float, int | None, str]
+
+
+def _runner(image: Path, n: int, cpl: int, timeout: float) -> Measured:
     cmd = [
         sys.executable,
         "-m",
@@ -156,7 +162,7 @@ def _runner(image: Path, n: int, cpl: int, timeout: float) -> tuple[float, float
     return boot, work, sum(json.loads(stdout)["exits"].values()), answer
 
 
-def _qemu(image: Path, n: int, accel: str, timeout: float) -> tuple[float, float, int | None, str]:
+def _qemu(image: Path, n: int, accel: str, timeout: float) -> Measured:
     cmd = qemu_kernel_command(image, accel=accel, append=f"n={n}", console="stdio")
     lines, stderr, status = _timed_lines(cmd, "stdout", timeout)
     if status != qemu_exit_status(0):
@@ -191,17 +197,15 @@ def compare_engines(
                     continue
                 cpl = 3 if "CPL 3" in run.engine else 0
 
-                def measure(n: int, cpl: int = cpl) -> tuple[float, float, int | None, str]:
-                    return _runner(image, n, cpl, timeout)
+                measure: Callable[[int], Measured] = functools.partial(
+                    _runner, image, cpl=cpl, timeout=timeout
+                )
             else:
                 accel = run.engine.split()[-1]
                 if no_qemu or (accel == "kvm" and no_kvm):
                     run.skipped = no_qemu or no_kvm
                     continue
-
-                def measure(n: int, accel: str = accel) -> tuple[float, float, int | None, str]:
-                    return _qemu(image, n, accel, timeout)
-
+                measure = functools.partial(_qemu, image, accel=accel, timeout=timeout)
             n = start_n
             while True:
                 run.n = n
