@@ -1,0 +1,242 @@
+"""The report: Markdown with tables, PNG plots (matplotlib, no display needed) and the raw
+figures as JSON, from the demo's figures and/or benchmark results.
+
+Sections appear when their figures exist: ``host``, ``engines``, ``exits``, ``qmp``,
+``linux`` (hot-plug, migration with its ``query-migrate`` timeline) and ``benchmarks``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _engines(figs: list[dict[str, Any]], out: Path, md: list[str]) -> None:
+    done = [e for e in figs if not e.get("skipped")]
+    best = max((e["rate_per_s"] for e in done), default=0.0)
+    rows = []
+    for e in figs:
+        if e.get("skipped"):
+            rows.append([e["engine"], "-", "-", "-", "-", "-", f"skipped: {e['skipped']}"])
+            continue
+        slow = f"{best / e['rate_per_s']:.1f}x" if e["rate_per_s"] else "-"
+        rows.append(
+            [
+                e["engine"],
+                f"{e['n']:,}",
+                f"{e['compute_s']:.3f}",
+                f"{e['boot_s']:.3f}",
+                str(e["exits"]) if e["exits"] is not None else "n/a",
+                f"{e['rate_per_s']:.3g}",
+                slow,
+            ]
+        )
+    md += [
+        "## Engine comparison: the same `compute` guest four ways",
+        "",
+        _table(["engine", "n", "workload s", "boot s", "exits", "numbers/s", "slowdown"], rows),
+        "",
+    ]
+    if done:
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        names = [e["engine"] for e in done]
+        ax.barh(names, [e["rate_per_s"] for e in done], color="#4477aa")
+        ax.set_xscale("log")
+        ax.set_xlabel("numbers sieved per second (log scale, higher is faster)")
+        ax.invert_yaxis()
+        for i, e in enumerate(done):
+            ax.text(e["rate_per_s"], i, f" {e['rate_per_s']:.3g}", va="center", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "engines.png", dpi=110)
+        plt.close(fig)
+        md += ["![engine comparison](engines.png)", ""]
+
+
+def _exits(figs: list[dict[str, Any]], out: Path, md: list[str]) -> None:
+    rows = [
+        [
+            c["case"],
+            c["loop"],
+            str(c["exits"]),
+            f"{c['in_kvm_run_us']:.2f}",
+            f"{c['in_vmm_us']:.2f}",
+            f"{c['total_us']:.2f}",
+        ]
+        for c in figs
+    ]
+    md += [
+        "## Exit cost by kind (µs per exit)",
+        "",
+        "Inside `KVM_RUN`: guest code, world switch and KVM's handling in the kernel. In the VMM: kvmkit "
+        "between two `KVM_RUN` calls.",
+        "",
+        _table(["exit", "loop", "exits", "in KVM_RUN", "in VMM", "total"], rows),
+        "",
+    ]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{c['case']}\n{c['loop']}" for c in figs]
+    run = [c["in_kvm_run_us"] for c in figs]
+    vmm = [c["in_vmm_us"] for c in figs]
+    ax.barh(labels, run, color="#4477aa", label="in KVM_RUN (guest + kernel)")
+    ax.barh(labels, vmm, left=run, color="#ee6677", label="in the VMM (kvmkit)")
+    ax.set_xlabel("µs per exit")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "exit_cost.png", dpi=110)
+    plt.close(fig)
+    md += ["![exit cost](exit_cost.png)", ""]
+
+
+def _qmp(figs: list[dict[str, Any]], out: Path, md: list[str]) -> None:
+    rows = [[q["client"], q["mode"], f"{q['per_s']:.0f}"] for q in figs]
+    md += [
+        "## QMP throughput (`query-status` round trips per second)",
+        "",
+        _table(["client", "mode", "per second"], rows),
+        "",
+    ]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    ax.barh(
+        [f"{q['client']} ({q['mode']})" for q in figs], [q["per_s"] for q in figs], color="#228833"
+    )
+    ax.set_xlabel("query-status per second")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "qmp_throughput.png", dpi=110)
+    plt.close(fig)
+    md += ["![QMP throughput](qmp_throughput.png)", ""]
+
+
+def _linux(figs: dict[str, Any], out: Path, md: list[str]) -> None:
+    md += [f"## A Linux guest under QEMU ({figs.get('accel', '?')})", ""]
+    rows = [["boot to shell", f"{figs.get('boot_s', 0):.2f} s"]]
+    if "hotplug_disk" in figs:
+        d = figs["hotplug_disk"]
+        rows.append([f"hot-added disk seen as /dev/{d['guest_name']}", f"{d['seconds']:.2f} s"])
+    if "unplug_s" in figs:
+        rows.append(["disk unplug (DEVICE_DELETED)", f"{figs['unplug_s']:.2f} s"])
+    mig = figs.get("migration")
+    if mig:
+        rows += [
+            [
+                f"migration of a {figs.get('memory_mib', '?')} MiB guest: total",
+                f"{mig['total_time_ms']} ms",
+            ],
+            ["migration downtime", f"{mig['downtime_ms']} ms"],
+            ["migration setup", f"{mig['setup_time_ms']} ms"],
+            ["bytes transferred", f"{mig['transferred_bytes'] / 2**20:.1f} MiB"],
+            ["throughput", f"{mig['throughput_mib_s']} MiB/s"],
+            ["guest counter before / after", f"{mig['counter_before']} / {mig['counter_after']}"],
+        ]
+    md += [_table(["what", "figure"], rows), ""]
+    samples = (mig or {}).get("samples") or []
+    if samples:
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot(
+            [s["t_s"] for s in samples],
+            [s["remaining_bytes"] / 2**20 for s in samples],
+            marker=".",
+            color="#aa3377",
+        )
+        ax.set_xlabel("seconds since migrate")
+        ax.set_ylabel("RAM still to send (MiB)")
+        ax.set_title("migration timeline (query-migrate samples)")
+        fig.tight_layout()
+        fig.savefig(out / "migration_timeline.png", dpi=110)
+        plt.close(fig)
+        md += ["![migration timeline](migration_timeline.png)", ""]
+
+
+def _benchmarks(results: list[dict[str, Any]], md: list[str]) -> None:
+    rows = [
+        [
+            r["benchmark"],
+            r["case"],
+            f"{r['value']:.2f} {r['unit']}",
+            f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
+            r.get("baseline_case") or "",
+            r.get("target") or "",
+        ]
+        for r in results
+    ]
+    md += [
+        "## Benchmarks (ratios to a baseline measured in the same run)",
+        "",
+        _table(["benchmark", "case", "value", "ratio", "baseline", "target"], rows),
+        "",
+    ]
+
+
+def write_report(figures: dict[str, Any], directory: Path) -> Path:
+    """Write ``report.md``, the PNGs and ``figures.json`` into ``directory``; return the
+    Markdown file's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    md = ["# kvmkit report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", ""]
+    host = figures.get("host")
+    if host:
+        md += [
+            "## Host",
+            "",
+            _table(
+                ["", ""],
+                [
+                    ["backend", host["backend"]],
+                    ["meaning", host["backend_meaning"]],
+                    ["KVM API", str(host["api_version"])],
+                ],
+            ),
+            "",
+        ]
+    if figures.get("engines"):
+        _engines(figures["engines"], directory, md)
+    if figures.get("exits"):
+        _exits(figures["exits"], directory, md)
+    qmp = list(figures.get("qmp") or [])
+    linux = figures.get("linux")
+    if linux and "qmp_query_status_per_s" in linux and not qmp:
+        qmp = [
+            {
+                "client": "kvmkit",
+                "mode": "sequential, live guest",
+                "per_s": linux["qmp_query_status_per_s"],
+            }
+        ]
+    if qmp:
+        _qmp(qmp, directory, md)
+    if linux:
+        _linux(linux, directory, md)
+    if figures.get("benchmarks"):
+        _benchmarks(figures["benchmarks"], md)
+    if figures.get("skipped"):
+        md += (
+            ["## Skipped", ""]
+            + [f"- {step}: {why}" for step, why in figures["skipped"].items()]
+            + [""]
+        )
+    (directory / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+    path = directory / "report.md"
+    path.write_text("\n".join(md))
+    return path
