@@ -29,7 +29,7 @@ demo: venv
 	$(VENV)/bin/kvmkit demo $(DEMO_ARGS)
 
 bench: venv
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m benchmarks --report report/bench --json report/bench/results.json $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check kvmkit tests benchmarks csrc

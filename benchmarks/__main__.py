@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare", type=Path, metavar="OLD.json", help="compare with an earlier --json file"
     )
+    parser.add_argument(
+        "--report", type=Path, metavar="DIR", help="write a Markdown report with PNG plots"
+    )
     args = parser.parse_args(argv)
 
     results: list[Result] = []
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print_results(got)
     print("\n== summary: ratios to the baseline measured in the same run ==")
     for r in results:
-        if r.ratio is not None and r.case != r.baseline_case:
+        if r.ratio is not None and not r.case.endswith(r.baseline_case or "\0"):
             print(f"  {r.benchmark:<28} {r.case:<48} {r.ratio:6.2f}x {r.target or ''}")
     for line in skipped:
         print(f"  skipped {line}")
@@ -68,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             results, args.json, {"host": platform.node(), "time": time.time(), "quick": args.quick}
         )
         print(f"results saved to {args.json}")
+    if args.report:
+        from kvmkit.demos.report import write_report
+
+        figures = {
+            "benchmarks": [r.to_json() for r in results],
+            "skipped": dict(s.split(": ", 1) for s in skipped),
+        }
+        print(f"report written to {write_report(figures, args.report)}")
     if args.compare:
         print("\n== compared with", args.compare, "==")
         for line in compare(results, args.compare):

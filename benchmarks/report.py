@@ -35,6 +35,7 @@ def print_results(results: Iterable[Result]) -> None:
 
 def save(results: Iterable[Result], path: Path, meta: dict[str, Any] | None = None) -> None:
     data = {"meta": meta or {}, "results": [r.to_json() for r in results]}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
 
 

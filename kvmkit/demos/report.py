@@ -170,24 +170,39 @@ def _linux(figs: dict[str, Any], out: Path, md: list[str]) -> None:
         md += ["![migration timeline](migration_timeline.png)", ""]
 
 
-def _benchmarks(results: list[dict[str, Any]], md: list[str]) -> None:
-    rows = [
-        [
-            r["benchmark"],
-            r["case"],
-            f"{r['value']:.2f} {r['unit']}",
-            f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
-            r.get("baseline_case") or "",
-            r.get("target") or "",
+def _benchmarks(results: list[dict[str, Any]], out: Path, md: list[str]) -> None:
+    md += ["## Benchmarks (ratios to a baseline measured in the same run)", ""]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["benchmark"], []).append(r)
+    plt = _pyplot()
+    for name, rows in groups.items():
+        table = [
+            [
+                r["case"],
+                f"{r['value']:.2f} {r['unit']}",
+                f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
+                r.get("baseline_case") or "",
+                r.get("target") or "",
+            ]
+            for r in rows
         ]
-        for r in results
-    ]
-    md += [
-        "## Benchmarks (ratios to a baseline measured in the same run)",
-        "",
-        _table(["benchmark", "case", "value", "ratio", "baseline", "target"], rows),
-        "",
-    ]
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+        md += [
+            f"### {name}",
+            "",
+            _table(["case", "value", "ratio", "baseline", "target"], table),
+            "",
+        ]
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+        ax.barh([r["case"] for r in rows], [r["value"] for r in rows], color="#4477aa")
+        ax.set_xlabel(rows[0]["unit"])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(out / f"bench_{slug}.png", dpi=110)
+        plt.close(fig)
+        md += [f"![{name}](bench_{slug}.png)", ""]
 
 
 def write_report(figures: dict[str, Any], directory: Path) -> Path:
@@ -229,7 +244,7 @@ def write_report(figures: dict[str, Any], directory: Path) -> Path:
     if linux:
         _linux(linux, directory, md)
     if figures.get("benchmarks"):
-        _benchmarks(figures["benchmarks"], md)
+        _benchmarks(figures["benchmarks"], directory, md)
     if figures.get("skipped"):
         md += (
             ["## Skipped", ""]
