@@ -10,6 +10,7 @@ guest memory)::
 
     +0x0000 PML4      +0x1000 PDPT      +0x2000..0x5fff four page directories (4 GiB)
     +0x6000 GDT       +0x7000 TSS with an I/O permission bitmap allowing every port
+    +0xA000 IDT (256 not-present gates)
 
 The I/O bitmap matters at CPL 3: VT-x and AMD-V honour RFLAGS.IOPL = 3, but PVM runs
 user code with the hardware IOPL at 0 and emulates the faulting ``in``/``out`` — allowed
@@ -26,7 +27,7 @@ from typing import Any
 
 from kvmkit.kvm.vcpu import Regs, Vcpu
 
-TABLES_SIZE = 0xA000
+TABLES_SIZE = 0xB000
 DEFAULT_TABLES_AT = 0x20000
 
 # GDT selectors (index * 8); user selectors are used with RPL 3.
@@ -65,6 +66,8 @@ RFLAGS_IOPL3 = 3 << 12
 
 _PTE_P, _PTE_RW, _PTE_US, _PTE_PS = 1, 2, 4, 0x80
 _TSS_SIZE = 0x68
+_IDT_OFFSET = 0xA000
+_IDT_ENTRIES = 256
 _IO_BITMAP_BYTES = 65536 // 8
 #: TSS limit: the 104-byte TSS, the I/O bitmap, and the terminating 0xff byte.
 _TSS_LIMIT = _TSS_SIZE + _IO_BITMAP_BYTES
@@ -114,6 +117,7 @@ def write_system_tables(vcpu: Vcpu, tables_at: int, *, long_mode: bool, kernel_s
         struct.pack_into("<IH", tss, 4, kernel_stack & 0xFFFFFFFF, SEL_DATA)  # esp0, ss0
     struct.pack_into("<H", tss, 0x66, _TSS_SIZE)  # I/O bitmap right after the TSS
     vm.write(tss_at, bytes(tss))
+    vm.write(tables_at + _IDT_OFFSET, bytes(_IDT_ENTRIES * 16))
     if long_mode:
         pml4, pdpt = tables_at, tables_at + 0x1000
         flags = _PTE_P | _PTE_RW | _PTE_US
@@ -249,8 +253,8 @@ def _load_tables(sregs: Any, tables_at: int, *, long_mode: bool) -> None:
     gdt_entries = len(_GDT) + (2 if long_mode else 1)
     sregs.gdt.base = tables_at + 0x6000
     sregs.gdt.limit = gdt_entries * 8 - 1
-    sregs.idt.base = 0
-    sregs.idt.limit = 0
+    sregs.idt.base = tables_at + _IDT_OFFSET
+    sregs.idt.limit = _IDT_ENTRIES * (16 if long_mode else 8) - 1
     _segment(
         sregs.tr,
         selector=SEL_TSS,
