@@ -23,6 +23,7 @@ socket or directory of the machine remains.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import shutil
 import signal
@@ -91,6 +92,10 @@ class QemuMachine(trio.abc.AsyncResource):
         self._console: SerialConsole | None = None
         self._stack: AsyncExitStack | None = None
         self._exited = trio.Event()
+        self._served = False  # launched into a nursery: _serve owns the teardown
+        self._close_requested = trio.Event()
+        self._close_graceful = True
+        self._closed = trio.Event()
 
     # -- paths and accessors -------------------------------------------------------------
 
@@ -164,11 +169,21 @@ class QemuMachine(trio.abc.AsyncResource):
             message, exit_code=code, cmdline=self.cmdline, log_tail=self.log_tail(), hint=hint
         )
 
-    async def launch(self) -> None:
+    async def launch(self, nursery: trio.Nursery | None = None) -> None:
         """Start QEMU, connect QMP and the console, and resume the guest (unless it is a
-        migration destination).  On failure everything started is torn down again."""
+        migration destination).  On failure everything started is torn down again.
+
+        Without ``nursery``, the machine's tasks live in the calling task: :meth:`aclose`
+        must then be called from the same task, and machines launched this way must be
+        closed in reverse order of launch (as nested ``async with`` blocks do).  With
+        ``nursery``, they live in a task of that nursery, and machines can be closed in
+        any order (e.g. a migration source closed after its destination took over).
+        """
         if self.state is not State.NEW:
             raise MachineStateError(f"machine {self.config.name} was already launched")
+        if nursery is not None:
+            await nursery.start(self._serve)
+            return
         self.state = State.LAUNCHING
         try:
             await self._launch()
@@ -176,6 +191,18 @@ class QemuMachine(trio.abc.AsyncResource):
             await self.aclose()
             raise
         self.state = State.RUNNING
+
+    async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._served = True
+        self.state = State.LAUNCHING
+        try:
+            await self._launch()
+            self.state = State.RUNNING
+            task_status.started()
+            await self._close_requested.wait()
+        finally:
+            await self._teardown(self._close_graceful, from_server=True)
+            self._closed.set()
 
     async def _launch(self) -> None:
         kwargs: dict[str, Any] = {"prefix": f"kvmkit-{self.config.name}-"}
@@ -219,6 +246,9 @@ class QemuMachine(trio.abc.AsyncResource):
                     f"QEMU did not create its QMP socket within {self.launch_timeout:g} s"
                 )
             await trio.sleep(0.01)
+        # The socket file exists from bind(); connections are refused until listen().
+        probe = await self._connect_unix(self.qmp_socket, deadline)
+        await probe.aclose()
         try:
             self._qmp = await self._stack.enter_async_context(
                 open_qmp(self.qmp_socket, connect_timeout=max(1.0, deadline - trio.current_time()))
@@ -232,11 +262,25 @@ class QemuMachine(trio.abc.AsyncResource):
                     f"QEMU exited during start-up of {self.config.name}"
                 ) from exc
             raise self._launch_error(f"cannot connect to QEMU's QMP socket: {exc}") from exc
-        stream = await trio.open_unix_socket(str(self.console_socket))
+        stream = await self._connect_unix(self.console_socket, deadline)
         self._console = SerialConsole(stream, name=f"{self.config.name} console")
         await self._console.start(nursery)
         if self.incoming is None:
             await self._qmp.execute("cont")
+
+    async def _connect_unix(self, path: Path, deadline: float) -> trio.SocketStream:
+        while True:
+            try:
+                return await trio.open_unix_socket(str(path))
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                if self._exited.is_set():
+                    await trio.sleep(0.05)
+                    raise self._launch_error(
+                        f"QEMU exited during start-up of {self.config.name}"
+                    ) from exc
+                if trio.current_time() > deadline:
+                    raise self._launch_error(f"QEMU does not accept connections on {path}") from exc
+                await trio.sleep(0.01)
 
     async def _watch_process(self) -> None:
         assert self._process is not None
@@ -300,14 +344,28 @@ class QemuMachine(trio.abc.AsyncResource):
             await self._process.wait()
         return self._process.returncode is not None
 
-    async def _teardown(self, graceful: bool) -> None:
+    async def _teardown(self, graceful: bool, *, from_server: bool = False) -> None:
+        if self._served and not from_server:
+            # The serving task entered the machine's contexts: it must exit them.
+            self._close_graceful = graceful
+            self._close_requested.set()
+            with trio.CancelScope(shield=True):
+                await self._closed.wait()
+            return
         if self.state is State.STOPPED:
             return
         self.state = State.SHUTTING_DOWN
+        # Under cancellation the QMP client's own tasks are cancelled too, so the ladder
+        # talks to QEMU over a fresh connection opened inside the shield.
+        cancelled = trio.current_effective_deadline() == -math.inf
         try:
             with trio.CancelScope(shield=True):
                 if self._process is not None and self._process.returncode is None:
-                    await self._ladder(graceful)
+                    if cancelled and self._qmp is not None:
+                        await self._qmp.aclose()
+                        await self._ladder_fresh(graceful)
+                    else:
+                        await self._ladder(graceful, self._qmp)
                 if self._process is not None and self._process.returncode is None:
                     await self._process.wait()  # after SIGKILL: cannot block for long
                 if self._console is not None:
@@ -325,9 +383,17 @@ class QemuMachine(trio.abc.AsyncResource):
                 shutil.rmtree(self.directory, ignore_errors=True)
             self.state = State.STOPPED
 
-    async def _ladder(self, graceful: bool) -> None:
+    async def _ladder_fresh(self, graceful: bool) -> None:
+        try:
+            async with open_qmp(self.qmp_socket, connect_timeout=2.0) as fresh:
+                await self._ladder(graceful, fresh)
+        except (QMPError, OSError):
+            pass
+        if self._process is not None and self._process.returncode is None:
+            await self._ladder(False, None)
+
+    async def _ladder(self, graceful: bool, qmp: QMPClient | None) -> None:
         assert self._process is not None
-        qmp = self._qmp
         if qmp is not None and graceful:
             try:
                 with trio.move_on_after(1.0):

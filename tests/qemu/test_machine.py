@@ -83,6 +83,8 @@ async def test_cancellation_tears_everything_down(
             pid = vm.pid
             await trio.sleep_forever()
     assert scope.cancelled_caught
+    # The ladder still spoke QMP (over a fresh connection) despite the cancellation.
+    assert vm.shutdown_step in ("system_powerdown", "quit")
     assert pid is not None and not _alive(pid)
     assert vm.state is State.STOPPED
     assert vm.directory is not None and not vm.directory.exists()
@@ -94,3 +96,24 @@ async def test_kill_skips_the_ladder(kit_config: MachineConfig, qemu_base: Path)
         await vm.kill()
         assert vm.exit_code is not None and vm.exit_code < 0
     assert pid is not None and not _alive(pid)
+
+
+async def test_machines_in_a_nursery_close_in_any_order(
+    kit_config: MachineConfig, qemu_base: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        first = QemuMachine(kit_config, base_dir=qemu_base, incoming="defer")
+        second = QemuMachine(kit_config, base_dir=qemu_base, incoming="defer")
+        await first.launch(nursery)
+        await second.launch(nursery)
+        assert await first.status() == "inmigrate" and await second.status() == "inmigrate"
+        pids = [first.pid, second.pid]
+        await first.aclose()  # not LIFO: fine with a nursery
+        assert first.state is State.STOPPED and first.shutdown_step == "quit"
+        assert await second.status() == "inmigrate"
+        # Cancelling the nursery tears the second one down (the ladder is shielded).
+        nursery.cancel_scope.cancel()
+    assert second.state is State.STOPPED and second.shutdown_step == "quit"
+    assert all(pid is not None and not _alive(pid) for pid in pids)
+    assert first.directory is not None and not first.directory.exists()
+    assert second.directory is not None and not second.directory.exists()
