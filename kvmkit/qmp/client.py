@@ -14,6 +14,7 @@ buffered events, and later calls fail immediately.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -55,14 +56,22 @@ DEFAULT_COMMAND_TIMEOUT = 60.0
 DEFAULT_EVENT_TIMEOUT = 30.0
 # Callers wait before queueing more once this many bytes wait for the writer.
 _HIGH_WATER = 1 << 20
+#: With ``oob`` negotiated, at most this many in-band commands are written at a time (the
+#: QMP spec's advice: the server stops reading beyond eight queued in-band commands, and
+#: then an out-of-band command could not get through).  Others wait in the client.
+IN_BAND_WINDOW = 8
 
 
 class _Waiter:
-    __slots__ = ("event", "reply")
+    """One caller waiting for its reply; woken with ``reply`` set, by the timer (reply
+    None, ``timed_out``) or by a failed connection (reply None)."""
+
+    __slots__ = ("event", "reply", "timed_out")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.reply: dict[str, Any] | None = None
+        self.timed_out = False
 
 
 class QMPClient(trio.abc.AsyncResource):
@@ -75,9 +84,11 @@ class QMPClient(trio.abc.AsyncResource):
         negotiate: bool = True,
         max_message_size: int = MAX_MESSAGE_SIZE,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        ids: bool = False,
     ) -> None:
         self._transport = transport
-        self._proto = QMPProtocol(negotiate=negotiate, max_message_size=max_message_size)
+        self._proto = QMPProtocol(negotiate=negotiate, max_message_size=max_message_size, ids=ids)
+        self._window = trio.lowlevel.ParkingLot()
         self._pending: dict[int, _Waiter] = {}
         self._listeners: list[EventListener] = []
         self._out = bytearray()
@@ -87,6 +98,11 @@ class QMPClient(trio.abc.AsyncResource):
         self._error: BaseException | None = None
         self._closing = False
         self._cancel_tasks = trio.CancelScope()
+        # Command timeouts: a heap of (deadline, seq, waiter) served by one timer task,
+        # cheaper than a cancel scope per call.  Entries of answered calls are skipped.
+        self._timers: list[tuple[float, int, _Waiter]] = []
+        self._timer_seq = 0
+        self._timer_scope = trio.CancelScope()
         #: Where this client is connected (for messages).
         self.address = transport.description
         #: Default timeout of :meth:`execute`, in seconds.
@@ -162,30 +178,36 @@ class QMPClient(trio.abc.AsyncResource):
             raise self._gone(command)
         if self._out and len(self._out) > _HIGH_WATER:
             await self._wait_drained(command)
+        if not oob and self._proto.in_band_in_flight >= IN_BAND_WINDOW and self._proto.oob_enabled:
+            await self._wait_window(command)
         if fds is not None:
             await self._wait_fd_slot(command)
         msg_id, data = self._proto.send_command(command, arguments, oob)
-        waiter = _Waiter()
-        pending = self._pending
-        pending[msg_id] = waiter
+        # Send before any bookkeeping: the server's work starts sooner.  The reply cannot
+        # be processed before this task yields, so registering the waiter after is safe.
         try:
             if fds is None:
                 self._write(data)
             else:
                 self._write_with_fds(data, fds)
-            if timeout is None:
-                timeout = self.command_timeout
-            if timeout == math.inf:
-                await waiter.event.wait()
-            else:
-                with trio.move_on_after(timeout):
-                    await waiter.event.wait()
+        except BaseException:
+            self._proto.forget(msg_id)
+            raise
+        waiter = _Waiter()
+        pending = self._pending
+        pending[msg_id] = waiter
+        if timeout is None:
+            timeout = self.command_timeout
+        if timeout != math.inf:
+            self._arm_timer(waiter, timeout)
+        try:
+            await waiter.event.wait()
         finally:
-            if pending.pop(msg_id, None) is not None:
+            if waiter.reply is None and pending.pop(msg_id, None) is not None:
                 self._proto.abandon(msg_id)
         reply = waiter.reply
         if reply is None:
-            if self._error is not None:
+            if not waiter.timed_out:
                 raise self._gone(command)
             raise QMPTimeoutError(
                 f"no reply to {command!r} from {self.address} within {timeout:g} s",
@@ -194,7 +216,9 @@ class QMPClient(trio.abc.AsyncResource):
         if "return" in reply:
             return reply["return"]
         received = Message(reply, eager=False)
-        sent = self._sent_message(command, arguments, oob, msg_id)
+        sent = self._sent_message(
+            command, arguments, oob, msg_id if oob or self._proto.ids else None
+        )
         if "error" in reply:
             try:
                 error = ErrorResponse(received)
@@ -207,12 +231,13 @@ class QMPClient(trio.abc.AsyncResource):
 
     @staticmethod
     def _sent_message(
-        command: str, arguments: Mapping[str, Any] | None, oob: bool, msg_id: int
+        command: str, arguments: Mapping[str, Any] | None, oob: bool, msg_id: int | None
     ) -> Message:
         sent: dict[str, Any] = {"exec-oob" if oob else "execute": command}
         if arguments is not None:
             sent["arguments"] = dict(arguments)
-        sent["id"] = msg_id
+        if msg_id is not None:
+            sent["id"] = msg_id
         return Message(sent, eager=False)
 
     async def send_fd(self, fd: int, name: str, *, timeout: float | None = None) -> None:
@@ -319,6 +344,34 @@ class QMPClient(trio.abc.AsyncResource):
         self._validate = validate
         return self.schema
 
+    # -- timeouts ----------------------------------------------------------------------
+
+    def _arm_timer(self, waiter: _Waiter, timeout: float) -> None:
+        deadline = trio.current_time() + timeout
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (deadline, self._timer_seq, waiter))
+        if deadline < self._timer_scope.deadline:
+            self._timer_scope.deadline = deadline
+        if len(self._timers) > 2 * len(self._pending) + 256:
+            self._timers = [t for t in self._timers if t[2].reply is None]
+            heapq.heapify(self._timers)
+
+    async def _timer(self) -> None:
+        timers = self._timers
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                timers = self._timers
+                scope.deadline = timers[0][0] if timers else math.inf
+                await trio.sleep_forever()
+            now = trio.current_time()
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                waiter = heapq.heappop(timers)[2]
+                if waiter.reply is None and not waiter.event.is_set():
+                    waiter.timed_out = True
+                    waiter.event.set()
+
     # -- writing -----------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
@@ -359,6 +412,12 @@ class QMPClient(trio.abc.AsyncResource):
         if sent != len(data):
             self._out += data[sent:]
             self._out_event.set()
+
+    async def _wait_window(self, command: str) -> None:
+        while self._error is None and self._proto.in_band_in_flight >= IN_BAND_WINDOW:
+            await self._window.park()
+        if self._error is not None:
+            raise self._gone(command)
 
     async def _wait_drained(self, command: str) -> None:
         while self._out and self._error is None:
@@ -401,6 +460,10 @@ class QMPClient(trio.abc.AsyncResource):
                         self._dispatch_event(item.message)
                     else:
                         self._handle(item)
+                if self._window:
+                    free = IN_BAND_WINDOW - proto.in_band_in_flight
+                    if free > 0:
+                        self._window.unpark(count=free)
                 if not data:
                     raise DisconnectedError(f"{self.address} closed the QMP connection")
         except Exception as exc:
@@ -450,6 +513,7 @@ class QMPClient(trio.abc.AsyncResource):
         for listener in self._listeners:
             listener.end(None if self._closing else self._error)
         self._ready.set()
+        self._window.unpark_all()
         self._out_event.set()
         if self._drained is not None:
             self._drained.set()
@@ -480,6 +544,7 @@ class QMPClient(trio.abc.AsyncResource):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._timer)
                 task_status.started()
 
     async def aclose(self) -> None:
@@ -502,6 +567,7 @@ async def open_qmp(
     validate: bool = False,
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     max_message_size: int = MAX_MESSAGE_SIZE,
+    ids: bool = False,
 ) -> AsyncIterator[QMPClient]:
     """Connect to a QMP server and yield a ready :class:`QMPClient`; close it on exit.
 
@@ -510,6 +576,10 @@ async def open_qmp(
     ``trio.abc.Stream``.  ``connect_timeout`` covers connecting, the greeting and the
     negotiation (``negotiate=False`` skips ``qmp_capabilities``).  ``validate`` loads
     the live schema and checks each command against it before sending.
+    ``command_timeout`` is the default timeout of ``execute``.  ``ids=True`` puts an id
+    on every command; by default only out-of-band commands carry one and in-band replies
+    are matched in issue order, as the QMP spec guarantees (QEMU answers faster without
+    ids; see :mod:`kvmkit.qmp.protocol`).
     """
     body_error: BaseException | None = None
     try:
@@ -524,6 +594,7 @@ async def open_qmp(
         negotiate=negotiate,
         max_message_size=max_message_size,
         command_timeout=command_timeout,
+        ids=ids,
     )
     async with trio.open_nursery() as nursery:
         # Errors stay out of the nursery, so callers see them bare, not in an ExceptionGroup.

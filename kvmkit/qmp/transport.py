@@ -18,7 +18,7 @@ import trio
 
 from kvmkit.qmp.errors import ConnectError, DisconnectedError, UsageError
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 
 Address = str | os.PathLike[str] | tuple[str, int] | socket.socket | trio.abc.Stream
 
@@ -65,17 +65,9 @@ class SocketTransport:
         await trio.lowlevel.wait_writable(self.sock)
 
     async def receive(self) -> bytes:
+        # Wait first: the reader calls this right after handling a message, when the
+        # socket is most likely empty, and a failed recv() costs more than the wait.
         sock = self.sock
-        try:
-            data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise DisconnectedError(f"reading from {self.description} failed: {exc}") from exc
-        else:
-            # Data was already there: yield once so a flood of input cannot starve others.
-            await trio.lowlevel.checkpoint()
-            return data
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:

@@ -129,6 +129,11 @@ class FakeQMP:
         self.stream = stream
         self._buf = b""
 
+    @staticmethod
+    def id_of(request: dict[str, Any]) -> dict[str, Any]:
+        """The id member for the reply to ``request``: echoed if it had one, as QEMU does."""
+        return {"id": request["id"]} if "id" in request else {}
+
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
@@ -152,7 +157,7 @@ class FakeQMP:
         await self.send(greeting)
         request = await self.recv()
         assert request["execute"] == "qmp_capabilities"
-        await self.send({"return": {}, "id": request["id"]})
+        await self.send({"return": {}, **self.id_of(request)})
         return request
 
     async def serve_echo(self) -> None:
@@ -163,7 +168,7 @@ class FakeQMP:
             except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             reply = {"command": request.get("execute"), "args": request.get("arguments")}
-            await self.send({"return": reply, "id": request["id"]})
+            await self.send({"return": reply, **self.id_of(request)})
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -35,7 +35,8 @@ async def test_greeting_and_negotiation_enable_oob(fake_pair: Any, nursery: trio
     nursery.start_soon(serve)
     async with open_qmp(client_end) as qmp:
         assert qmp.greeting is not None
-        assert qmp.greeting.QMP.version["qemu"]["minor"] == 2
+        version: Any = qmp.greeting.QMP.version["qemu"]
+        assert version["minor"] == 2
         assert qmp.oob_enabled
         assert await qmp.execute("x", {"a": [1, 2]}) == {"command": "x", "args": {"a": [1, 2]}}
     assert requests[0]["arguments"] == {"enable": ["oob"]}
@@ -66,20 +67,22 @@ async def test_message_split_across_reads(fake_pair: Any, nursery: trio.Nursery)
             await server.send_raw(greeting[i : i + 1])
             await trio.sleep(0)
         request = await server.recv()
-        await server.send({"return": {}, "id": request["id"]})
+        await server.send({"return": {}, **server.id_of(request)})
         request = await server.recv()
-        reply = json.dumps({"return": {"big": "y" * 5000}, "id": request["id"]}).encode() + b"\n"
+        reply = (
+            json.dumps({"return": {"big": "y" * 5000}, **server.id_of(request)}).encode() + b"\n"
+        )
         for part in (reply[:7], reply[7:4000], reply[4000:-1], reply[-1:]):
             await server.send_raw(part)
             await trio.sleep(0.01)
         # Two replies and an event in one write.
         a, b = await server.recv(), await server.recv()
         both = (
-            json.dumps({"return": 2, "id": b["id"]})
+            json.dumps({"return": 1, **server.id_of(a)})
             + "\n"
             + json.dumps({"event": "E", "data": {}, "timestamp": {}})
             + "\n"
-            + json.dumps({"return": 1, "id": a["id"]})
+            + json.dumps({"return": 2, **server.id_of(b)})
             + "\n"
         )
         await server.send_raw(both.encode())
@@ -99,7 +102,12 @@ async def test_message_split_across_reads(fake_pair: Any, nursery: trio.Nursery)
         assert results == {"a": 1, "b": 2}
 
 
-async def test_out_of_order_and_unknown_id_replies(fake_pair: Any, nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("ids", [True, False], ids=["ids", "in-order"])
+async def test_out_of_order_and_unknown_id_replies(
+    fake_pair: Any, nursery: trio.Nursery, ids: bool
+) -> None:
+    """With ids=True any reply may come out of order; by default in-band commands carry no
+    id and only out-of-band ones (which carry one) may overtake."""
     client_end, server = fake_pair
 
     async def serve() -> None:
@@ -107,16 +115,16 @@ async def test_out_of_order_and_unknown_id_replies(fake_pair: Any, nursery: trio
         first, second, third = await server.recv(), await server.recv(), await server.recv()
         await server.send({"return": "unknown", "id": 99999})
         await server.send({"return": "unknown-str", "id": "__qmp#00001"})
-        await server.send({"return": third["execute"], "id": third["id"], "extra": 1})
-        await server.send({"return": first["execute"], "id": first["id"]})
-        await server.send({"return": second["execute"], "id": second["id"]})
+        for request in (third, first, second):
+            name = request.get("execute") or request["exec-oob"]
+            await server.send({"return": name, **server.id_of(request), "extra": 1})
 
     nursery.start_soon(serve)
-    async with open_qmp(client_end) as qmp:
+    async with open_qmp(client_end, ids=ids) as qmp:
         results: dict[str, Any] = {}
 
         async def call(name: str) -> None:
-            results[name] = await qmp.execute(name)
+            results[name] = await qmp.execute(name, oob=name == "three" and not ids)
 
         async with trio.open_nursery() as inner:
             for name in ("one", "two", "three"):
@@ -137,10 +145,10 @@ async def test_events_before_greeting_and_during_negotiation(
         await server.send({"QMP": {"version": {}, "capabilities": []}})
         request = await server.recv()
         await server.send(event)
-        await server.send({"return": {}, "id": request["id"]})
+        await server.send({"return": {}, **server.id_of(request)})
         request = await server.recv()
         await server.send({"event": "LATE", "data": {"n": 2}, "timestamp": {}})
-        await server.send({"return": "ok", "id": request["id"]})
+        await server.send({"return": "ok", **server.id_of(request)})
 
     nursery.start_soon(serve)
     async with open_qmp(client_end) as qmp, qmp.listen() as events:
@@ -204,7 +212,9 @@ async def test_negotiation_refused_is_a_connect_error(
     async def serve() -> None:
         await server.send({"QMP": {"version": {}, "capabilities": []}})
         request = await server.recv()
-        await server.send({"error": {"class": "GenericError", "desc": "nope"}, "id": request["id"]})
+        await server.send(
+            {"error": {"class": "GenericError", "desc": "nope"}, **server.id_of(request)}
+        )
 
     nursery.start_soon(serve)
     with pytest.raises(ConnectError, match="negotiation failed: nope"):
@@ -218,7 +228,7 @@ async def test_oversized_message(fake_pair: Any, nursery: trio.Nursery) -> None:
     async def serve() -> None:
         await server.greet()
         request = await server.recv()
-        start = json.dumps({"return": {"x": ""}, "id": request["id"]})[:-3].encode()
+        start = json.dumps({"return": {"x": ""}, **server.id_of(request)})[:-3].encode()
         await server.send_raw(start)
         for _ in range(10):
             await server.send_raw(b"z" * 500)
@@ -237,7 +247,7 @@ async def test_oversized_message_in_one_read(fake_pair: Any, nursery: trio.Nurse
     async def serve() -> None:
         await server.greet()
         request = await server.recv()
-        await server.send({"return": "q" * 10000, "id": request["id"]})
+        await server.send({"return": "q" * 10000, **server.id_of(request)})
 
     nursery.start_soon(serve)
     async with open_qmp(client_end, max_message_size=4096) as qmp:
@@ -256,8 +266,8 @@ async def test_server_never_answers_times_out(
         await server.greet()
         seen.append(await server.recv())  # never answered in time
         request = await server.recv()
-        await server.send({"return": "late", "id": seen[0]["id"]})  # late reply: dropped
-        await server.send({"return": "second", "id": request["id"]})
+        await server.send({"return": "late", **server.id_of(seen[0])})  # late reply: dropped
+        await server.send({"return": "second", **server.id_of(request)})
 
     nursery.start_soon(serve)
     async with open_qmp(client_end) as qmp:
@@ -298,8 +308,8 @@ async def test_server_closes_mid_reply(fake_pair: Any, nursery: trio.Nursery) ->
     async def serve() -> None:
         await server.greet()
         a, b = await server.recv(), await server.recv()
-        await server.send({"return": "first", "id": a["id"]})
-        await server.send_raw(json.dumps({"return": "second", "id": b["id"]}).encode()[:10])
+        await server.send({"return": "first", **server.id_of(a)})
+        await server.send_raw(json.dumps({"return": "second", **server.id_of(b)}).encode()[:10])
         await server.aclose()
 
     nursery.start_soon(serve)
@@ -323,8 +333,9 @@ async def test_server_closes_mid_reply(fake_pair: Any, nursery: trio.Nursery) ->
             await events.get(timeout=1)
 
 
+@pytest.mark.parametrize("ids", [True, False], ids=["ids", "in-order"])
 async def test_error_reply_without_id_goes_to_oldest_in_band(
-    fake_pair: Any, nursery: trio.Nursery
+    fake_pair: Any, nursery: trio.Nursery, ids: bool
 ) -> None:
     client_end, server = fake_pair
 
@@ -332,11 +343,11 @@ async def test_error_reply_without_id_goes_to_oldest_in_band(
         await server.greet()
         _a, b = await server.recv(), await server.recv()
         await server.send({"error": {"class": "GenericError", "desc": "JSON parse error"}})
-        await server.send({"return": "b", "id": b["id"]})
+        await server.send({"return": "b", **server.id_of(b)})
         await server.send({"error": {"class": "GenericError", "desc": "stray"}})  # dropped
 
     nursery.start_soon(serve)
-    async with open_qmp(client_end) as qmp:
+    async with open_qmp(client_end, ids=ids) as qmp:
         results: dict[str, Any] = {}
 
         async def call(name: str) -> None:
@@ -363,9 +374,9 @@ async def test_bad_replies(fake_pair: Any, nursery: trio.Nursery) -> None:
     async def serve() -> None:
         await server.greet()
         request = await server.recv()
-        await server.send({"id": request["id"], "neither": 1})
+        await server.send({**server.id_of(request), "neither": 1})
         request = await server.recv()
-        await server.send({"id": request["id"], "error": {"class": 3}})
+        await server.send({**server.id_of(request), "error": {"class": 3}})
         await server.serve_echo()
 
     nursery.start_soon(serve)
@@ -414,7 +425,13 @@ async def test_cancelled_callers_do_not_disturb_others(
         assert sorted(results) == list(range(1, 40, 2))
         assert all(results[i] == {"command": f"c{i}", "args": {"i": i}} for i in results)
         assert (await qmp.execute("after"))["command"] == "after"
-        assert qmp.dropped_replies == 20
+        # Only IN_BAND_WINDOW (8) commands were written before the server answered; the
+        # 4 cancelled among them had their replies dropped, the other 16 were never sent.
+        assert qmp.dropped_replies == 4
+
+
+def device(event: Any) -> Any:
+    return event["data"]["device"]
 
 
 async def test_listener_filters_and_overflow(fake_pair: Any, nursery: trio.Nursery) -> None:
@@ -428,7 +445,7 @@ async def test_listener_filters_and_overflow(fake_pair: Any, nursery: trio.Nurse
             await server.send({"event": "DEVICE_DELETED", "data": data, "timestamp": {}})
         await server.send({"event": "OTHER", "data": {}, "timestamp": {}})
         request = await server.recv()  # a sync point: all events were read before this
-        await server.send({"return": {}, "id": request["id"]})
+        await server.send({"return": {}, **server.id_of(request)})
         sent.set()
 
     nursery.start_soon(serve)
@@ -440,11 +457,11 @@ async def test_listener_filters_and_overflow(fake_pair: Any, nursery: trio.Nurse
             qmp.listen("OTHER", "DEVICE_DELETED", match={"device": "d4"}) as d4,
         ):
             await qmp.execute("sync")
-            got = [e["data"]["device"] for e in [await pci.get(1) for _ in range(5)]]
+            got = [device(await pci.get(1)) for _ in range(5)]
             assert got == ["d1", "d3", "d5", "d7", "d9"]
             assert pci.pending() == 0
             # "error" policy: the 3 buffered events, then the overflow is reported
-            assert [(await small.get(1))["data"]["device"] for _ in range(3)] == [
+            assert [device(await small.get(1)) for _ in range(3)] == [
                 "d0",
                 "d1",
                 "d2",
@@ -455,7 +472,7 @@ async def test_listener_filters_and_overflow(fake_pair: Any, nursery: trio.Nurse
             names = [(await recent.get(1))["event"] for _ in range(3)]
             assert names == ["DEVICE_DELETED", "DEVICE_DELETED", "OTHER"]
             assert recent.dropped == 8
-            assert (await d4.get(1))["data"]["device"] == "d4"
+            assert device(await d4.get(1)) == "d4"
             assert d4.pending() == 0
 
 
@@ -480,3 +497,33 @@ async def test_body_errors_come_out_bare(fake_pair: Any, nursery: trio.Nursery) 
     with pytest.raises(KeyError):
         async with open_qmp(client_end):
             raise KeyError("mine")
+
+
+async def test_in_band_window_lets_out_of_band_commands_through(
+    fake_pair: Any, nursery: trio.Nursery
+) -> None:
+    client_end, server = fake_pair
+    seen: list[dict[str, Any]] = []
+    nursery.start_soon(server.greet)
+    async with open_qmp(client_end) as qmp:
+        assert qmp.oob_enabled
+
+        async def call(name: str, oob: bool = False) -> None:
+            await qmp.execute(name, oob=oob)
+
+        async with trio.open_nursery() as inner:
+            for i in range(20):
+                inner.start_soon(call, f"in{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            inner.start_soon(call, "urgent", True)
+            while len(seen) < 9:
+                seen.append(await server.recv())
+            # 8 in-band commands, then the out-of-band one overtakes the 12 held back
+            assert all(r["execute"].startswith("in") for r in seen[:8])
+            assert seen[8]["exec-oob"] == "urgent" and "id" in seen[8]
+            await server.send({"return": {}, "id": seen[8]["id"]})
+            for request in seen[:8]:
+                await server.send({"return": {}})
+            for _ in range(12):
+                await server.send({"return": {}, **server.id_of(await server.recv())})
+        assert qmp.in_flight == 0

@@ -27,7 +27,7 @@ from kvmkit.qmp import (
 async def test_negotiation_and_query_status(qemu: Any) -> None:
     async with open_qmp(qemu.socket) as qmp:
         assert qmp.greeting is not None
-        version = qmp.greeting.QMP.version["qemu"]
+        version: Any = qmp.greeting.QMP.version["qemu"]
         assert isinstance(version["major"], int) and version["major"] >= 2
         assert "oob" in qmp.greeting.QMP.capabilities
         assert qmp.oob_enabled
@@ -57,7 +57,8 @@ async def test_stop_cont_and_their_events(qemu: Any) -> None:
         result, event = await qmp.execute_and_wait("cont", event="RESUME", timeout=10)
         assert result == {}
         assert event["event"] == "RESUME"
-        assert set(event["timestamp"]) == {"seconds", "microseconds"}
+        timestamp: Any = event["timestamp"]
+        assert set(timestamp) == {"seconds", "microseconds"}
         assert (await qmp.execute("query-status"))["running"] is True
 
         async with qmp.listen("STOP", "RESUME") as events:
