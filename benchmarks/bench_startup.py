@@ -11,6 +11,7 @@ import sys
 import time
 
 from benchmarks.common import Result
+from kvmkit.demos.engines import qemu_kernel_command
 from kvmkit.guests import build_guest, qemu_exit_status
 
 TITLE = "Start-up (whole process)"
@@ -27,37 +28,16 @@ def _time(cmd: list[str], expect_status: int, timeout: float = 120.0) -> float:
     return elapsed
 
 
-def qemu_command(image: str, accel: str) -> list[str]:
-    return [
-        "qemu-system-x86_64",
-        "-accel",
-        accel,
-        "-machine",
-        "pc",
-        "-m",
-        "64",
-        "-display",
-        "none",
-        "-nodefaults",
-        "-no-user-config",
-        "-kernel",
-        image,
-        "-device",
-        "isa-debugcon,iobase=0xe9,chardev=con",
-        "-chardev",
-        "null,id=con",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-    ]
-
-
 def run(quick: bool = False) -> list[Result]:
     image = str(build_guest("hello"))
     repeats = 3 if quick else 5
     kvmkit_cmd = [sys.executable, "-m", "kvmkit", "run", image]
     ways = {"kvmkit run hello": (kvmkit_cmd, 0)}
     if shutil.which("qemu-system-x86_64"):
-        ways["qemu-system-x86_64 -accel kvm"] = (qemu_command(image, "kvm"), qemu_exit_status(0))
+        ways["qemu-system-x86_64 -accel kvm"] = (
+            qemu_kernel_command(image, accel="kvm"),
+            qemu_exit_status(0),
+        )
     samples: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
         for name, (cmd, status) in ways.items():

@@ -20,6 +20,13 @@ class _Replier(Protocol):
     def _reply_mmio_read(self, data: bytes) -> None: ...
 
 
+def _as_bytes(data: bytes | int, width: int) -> bytes:
+    """``data`` as bytes; an int becomes ``width`` little-endian bytes (truncated)."""
+    if isinstance(data, int):
+        return (data & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+    return bytes(data)
+
+
 @dataclass(frozen=True, slots=True)
 class IoOut:
     """The guest wrote ``data`` (``size`` bytes per item, ``count`` items) to ``port``."""
@@ -46,10 +53,10 @@ class IoIn:
 
     def reply(self, data: bytes | int) -> None:
         """Supply what the guest reads: bytes (``size*count`` long) or an int."""
-        if isinstance(data, int):
-            data = (data & ((1 << (8 * self.size)) - 1)).to_bytes(self.size, "little") * self.count
         assert self._vcpu is not None, "IoIn built by hand has no vCPU to answer"
-        self._vcpu._reply_io_in(bytes(data))
+        self._vcpu._reply_io_in(
+            _as_bytes(data, self.size) * (self.count if isinstance(data, int) else 1)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +80,8 @@ class MmioRead:
     _vcpu: _Replier | None = field(default=None, repr=False, compare=False)
 
     def reply(self, data: bytes | int) -> None:
-        if isinstance(data, int):
-            data = (data & ((1 << (8 * self.length)) - 1)).to_bytes(self.length, "little")
         assert self._vcpu is not None, "MmioRead built by hand has no vCPU to answer"
-        self._vcpu._reply_mmio_read(bytes(data))
+        self._vcpu._reply_mmio_read(_as_bytes(data, self.length))
 
 
 @dataclass(frozen=True, slots=True)

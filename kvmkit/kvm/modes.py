@@ -182,6 +182,57 @@ def setup_real_mode(vcpu: Vcpu, *, entry: int, stack: int = 0) -> ModeSetup:
     return ModeSetup(Mode.REAL, 0, None)
 
 
+def _enter_flat(
+    vcpu: Vcpu,
+    *,
+    entry: int,
+    stack: int,
+    cpl: int,
+    tables_at: int,
+    kernel_stack: int | None,
+    long_mode: bool,
+) -> None:
+    """Shared by protected and long mode: tables, flat segments at ``cpl``, registers.
+    The caller then sets the control registers and EFER for its mode."""
+    _check_cpl(cpl)
+    if long_mode:  # KVM only accepts EFER.LME when the guest's CPUID has long mode
+        vcpu.set_cpuid2(vcpu.vm.kvm.supported_cpuid())
+    write_system_tables(vcpu, tables_at, long_mode=long_mode, kernel_stack=kernel_stack or stack)
+    sregs = vcpu.get_sregs()
+    user = cpl == 3
+    if user:
+        code_sel, data_sel = (
+            (SEL_USER_CODE64 if long_mode else SEL_USER_CODE32) | 3,
+            SEL_USER_DATA | 3,
+        )
+    else:
+        code_sel, data_sel = SEL_CODE64 if long_mode else SEL_CODE32, SEL_DATA
+    _segment(
+        sregs.cs,
+        selector=code_sel,
+        type_=0xB,
+        dpl=cpl,
+        db=0 if long_mode else 1,
+        l_=1 if long_mode else 0,
+    )
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        _segment(getattr(sregs, name), selector=data_sel, type_=0x3, dpl=cpl, db=1, l_=0)
+    _load_tables(sregs, tables_at, long_mode=long_mode)
+    if long_mode:
+        sregs.cr3 = tables_at
+        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        sregs.efer = EFER_LME | EFER_LMA | EFER_SCE
+    else:
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+        sregs.cr4 = 0
+        sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(
+        Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0))
+    )
+
+
 def setup_protected_mode(
     vcpu: Vcpu,
     *,
@@ -193,23 +244,14 @@ def setup_protected_mode(
 ) -> ModeSetup:
     """32-bit flat protected mode, paging off, at CPL ``cpl`` (0 or 3; at 3 with IOPL 3
     so port I/O still works).  Tables are written at ``tables_at`` (see module doc)."""
-    _check_cpl(cpl)
-    write_system_tables(vcpu, tables_at, long_mode=False, kernel_stack=kernel_stack or stack)
-    sregs = vcpu.get_sregs()
-    user = cpl == 3
-    code_sel, data_sel = (
-        (SEL_USER_CODE32 | 3, SEL_USER_DATA | 3) if user else (SEL_CODE32, SEL_DATA)
-    )
-    _segment(sregs.cs, selector=code_sel, type_=0xB, dpl=cpl, db=1, l_=0)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        _segment(getattr(sregs, name), selector=data_sel, type_=0x3, dpl=cpl, db=1, l_=0)
-    _load_tables(sregs, tables_at, long_mode=False)
-    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
-    sregs.cr4 = 0
-    sregs.efer = 0
-    vcpu.set_sregs(sregs)
-    vcpu.set_regs(
-        Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0))
+    _enter_flat(
+        vcpu,
+        entry=entry,
+        stack=stack,
+        cpl=cpl,
+        tables_at=tables_at,
+        kernel_stack=kernel_stack,
+        long_mode=False,
     )
     return ModeSetup(Mode.PROTECTED, cpl, tables_at)
 
@@ -224,27 +266,15 @@ def setup_long_mode(
     kernel_stack: int | None = None,
 ) -> ModeSetup:
     """64-bit long mode with 4 GiB identity-mapped by 2 MiB pages, at CPL ``cpl`` (0 or 3;
-    at 3 with IOPL 3).  Sets CPUID from ``supported_cpuid()`` first: KVM only accepts
-    EFER.LME when the guest's CPUID has long mode."""
-    _check_cpl(cpl)
-    vcpu.set_cpuid2(vcpu.vm.kvm.supported_cpuid())
-    write_system_tables(vcpu, tables_at, long_mode=True, kernel_stack=kernel_stack or stack)
-    sregs = vcpu.get_sregs()
-    user = cpl == 3
-    code_sel, data_sel = (
-        (SEL_USER_CODE64 | 3, SEL_USER_DATA | 3) if user else (SEL_CODE64, SEL_DATA)
-    )
-    _segment(sregs.cs, selector=code_sel, type_=0xB, dpl=cpl, db=0, l_=1)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        _segment(getattr(sregs, name), selector=data_sel, type_=0x3, dpl=cpl, db=1, l_=0)
-    _load_tables(sregs, tables_at, long_mode=True)
-    sregs.cr3 = tables_at
-    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
-    sregs.efer = EFER_LME | EFER_LMA | EFER_SCE
-    vcpu.set_sregs(sregs)
-    vcpu.set_regs(
-        Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0))
+    at 3 with IOPL 3).  Sets CPUID from ``supported_cpuid()`` first."""
+    _enter_flat(
+        vcpu,
+        entry=entry,
+        stack=stack,
+        cpl=cpl,
+        tables_at=tables_at,
+        kernel_stack=kernel_stack,
+        long_mode=True,
     )
     return ModeSetup(Mode.LONG, cpl, tables_at)
 
