@@ -44,7 +44,13 @@ class Kvm(FdObject):
                 f"no permission to open {path}",
                 hint="add yourself to the 'kvm' group (sudo usermod -aG kvm $USER) and log in again",
             ) from None
-        version = self._ioctl(ioctls.KVM_GET_API_VERSION)
+        try:
+            version = self._ioctl(ioctls.KVM_GET_API_VERSION)
+        except KvmIoctlError as exc:
+            self.close()
+            raise KvmUnavailableError(
+                f"{path} is not a KVM device: KVM_GET_API_VERSION failed with errno {exc.errno}"
+            ) from None
         if version != SUPPORTED_API_VERSION:
             self.close()
             raise KvmUnavailableError(

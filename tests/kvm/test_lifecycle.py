@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvmkit.errors import KvmIoctlError
-from kvmkit.kvm import Cap, ClosedError, Kvm, Regs, Vm
+from kvmkit.kvm import Cap, ClosedError, Kvm, KvmUnavailableError, Regs, Vm
 from kvmkit.kvm.modes import setup_long_mode
 
 
@@ -83,3 +85,10 @@ def test_vcpu_state_round_trips(vm: Vm) -> None:
     assert vm.get_clock() > 0
     vm.irq_line(4, True)
     vm.irq_line(4, False)
+
+
+def test_a_path_that_is_not_kvm_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(KvmUnavailableError, match="does not exist"):
+        Kvm(str(tmp_path / "no-such-kvm"))
+    with pytest.raises(KvmUnavailableError, match="/dev/null is not a KVM device"):
+        Kvm("/dev/null")
