@@ -163,7 +163,7 @@ class QMPClient(trio.abc.AsyncResource):
         the connection is lost, SchemaError when a loaded schema rejects the call.
         """
         if self._validate and self.schema is not None:
-            self.schema.check(command, arguments)
+            self.schema.check(command, arguments, oob)
         return await self._call(command, arguments, timeout, oob, None)
 
     async def _call(

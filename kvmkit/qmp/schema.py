@@ -93,9 +93,16 @@ class Schema:
         arg_type = self.types.get(entry.get("arg-type", ""), {})
         return {m["name"]: "default" not in m for m in arg_type.get("members", ())}
 
-    def check(self, command: str, arguments: Mapping[str, Any] | None) -> None:
-        """Raise SchemaError if ``command`` with ``arguments`` does not fit the schema."""
+    def check(self, command: str, arguments: Mapping[str, Any] | None, oob: bool = False) -> None:
+        """Raise SchemaError if ``command`` with ``arguments`` does not fit the schema
+        (or, with ``oob``, cannot run out of band)."""
         entry = self._command(command)
+        if oob and not entry.get("allow-oob"):
+            allowed = sorted(name for name, e in self.commands.items() if e.get("allow-oob"))
+            raise SchemaError(
+                f"{command!r} cannot run out of band",
+                hint=f"commands that can: {', '.join(allowed) or 'none'}",
+            )
         arg_type = self.types.get(entry.get("arg-type", ""))
         if arg_type is None:
             return

@@ -522,7 +522,7 @@ async def test_in_band_window_lets_out_of_band_commands_through(
             assert all(r["execute"].startswith("in") for r in seen[:8])
             assert seen[8]["exec-oob"] == "urgent" and "id" in seen[8]
             await server.send({"return": {}, "id": seen[8]["id"]})
-            for request in seen[:8]:
+            for _request in seen[:8]:
                 await server.send({"return": {}})
             for _ in range(12):
                 await server.send({"return": {}, **server.id_of(await server.recv())})

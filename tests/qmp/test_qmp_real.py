@@ -129,6 +129,8 @@ async def test_schema_validation(qemu: Any) -> None:
             await qmp.execute(
                 "blockdev-add", {"driver": "file", "node-name": "n", "filename": "/x", "size": 1}
             )
+        with pytest.raises(SchemaError, match="cannot run out of band.*query-yank"):
+            await qmp.execute("query-status", oob=True)
         # valid calls pass through to QEMU
         assert await qmp.execute("qom-get", {"path": "/machine", "property": "type"})
         result = await qmp.execute(
@@ -160,9 +162,10 @@ async def test_send_fd_and_add_fd(qemu: Any) -> None:
             os.close(write_end)
 
 
-async def test_1000_concurrent_calls_each_get_their_reply(qemu: Any) -> None:
+@pytest.mark.parametrize("ids", [False, True], ids=["in-order", "ids"])
+async def test_1000_concurrent_calls_each_get_their_reply(qemu: Any, ids: bool) -> None:
     results: dict[int, Any] = {}
-    async with open_qmp(qemu.socket) as qmp:
+    async with open_qmp(qemu.socket, ids=ids) as qmp:
 
         async def call(i: int) -> None:
             if i % 2:
