@@ -176,12 +176,21 @@ class QMPClient(trio.abc.AsyncResource):
     ) -> Any:
         if self._error is not None:
             raise self._gone(command)
-        if self._out and len(self._out) > _HIGH_WATER:
-            await self._wait_drained(command)
-        if not oob and self._proto.in_band_in_flight >= IN_BAND_WINDOW and self._proto.oob_enabled:
-            await self._wait_window(command)
-        if fds is not None:
-            await self._wait_fd_slot(command)
+        if timeout is None:
+            timeout = self.command_timeout
+        wait_time = timeout
+        if (
+            fds is not None
+            or (self._out and len(self._out) > _HIGH_WATER)
+            or (
+                not oob
+                and self._proto.in_band_in_flight >= IN_BAND_WINDOW
+                and self._proto.oob_enabled
+            )
+        ):
+            start = trio.current_time()
+            await self._before_send(command, oob, fds, timeout)
+            wait_time = max(0.0, timeout - (trio.current_time() - start))
         msg_id, data = self._proto.send_command(command, arguments, oob)
         # Send before any bookkeeping: the server's work starts sooner.  The reply cannot
         # be processed before this task yields, so registering the waiter after is safe.
@@ -196,10 +205,8 @@ class QMPClient(trio.abc.AsyncResource):
         waiter = _Waiter()
         pending = self._pending
         pending[msg_id] = waiter
-        if timeout is None:
-            timeout = self.command_timeout
-        if timeout != math.inf:
-            self._arm_timer(waiter, timeout)
+        if wait_time != math.inf:
+            self._arm_timer(waiter, wait_time)
         try:
             await waiter.event.wait()
         finally:
@@ -412,6 +419,26 @@ class QMPClient(trio.abc.AsyncResource):
         if sent != len(data):
             self._out += data[sent:]
             self._out_event.set()
+
+    async def _before_send(
+        self, command: str, oob: bool, fds: list[int] | None, timeout: float
+    ) -> None:
+        """Wait until ``command`` may be written: the write queue below its high-water
+        mark, a free slot in the in-band window, the socket ready for fds."""
+        with trio.move_on_after(timeout):
+            if self._out and len(self._out) > _HIGH_WATER:
+                await self._wait_drained(command)
+            if not oob and self._proto.oob_enabled:
+                await self._wait_window(command)
+            if fds is not None:
+                await self._wait_fd_slot(command)
+            return
+        raise QMPTimeoutError(
+            f"could not send {command!r} to {self.address} within {timeout:g} s: "
+            f"{self._proto.in_band_in_flight} in-band commands still in flight, "
+            f"{len(self._out)} bytes not yet written",
+            hint="the server is busy or stuck; earlier commands that timed out may still run",
+        )
 
     async def _wait_window(self, command: str) -> None:
         while self._error is None and self._proto.in_band_in_flight >= IN_BAND_WINDOW:

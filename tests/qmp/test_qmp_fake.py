@@ -527,3 +527,32 @@ async def test_in_band_window_lets_out_of_band_commands_through(
             for _ in range(12):
                 await server.send({"return": {}, **server.id_of(await server.recv())})
         assert qmp.in_flight == 0
+
+
+async def test_full_in_band_window_times_out_before_sending(
+    fake_pair: Any, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    client_end, server = fake_pair
+    nursery.start_soon(server.greet)
+    async with open_qmp(client_end) as qmp:
+
+        async def stuck(i: int) -> None:
+            with pytest.raises(QMPTimeoutError, match="no reply"):
+                await qmp.execute(f"stuck{i}", timeout=5)
+
+        async with trio.open_nursery() as inner:
+            for i in range(8):
+                inner.start_soon(stuck, i)
+        # the server never answered: 8 in-band commands are still in flight for it
+        start = trio.current_time()
+        with pytest.raises(QMPTimeoutError, match="could not send 'next'.*8 in-band"):
+            await qmp.execute("next", timeout=3)
+        assert trio.current_time() - start == pytest.approx(3)
+        # once the server answers the eight, commands flow again
+        for _ in range(8):
+            assert (await server.recv())["execute"].startswith("stuck")
+        for _ in range(8):
+            await server.send({"return": {}})
+        nursery.start_soon(server.serve_echo)
+        assert (await qmp.execute("after"))["command"] == "after"
+        assert qmp.dropped_replies == 8
