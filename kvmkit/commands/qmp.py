@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from kvmkit.qmp import ExecuteError, QMPError, UsageError, open_qmp
+from kvmkit.qmp import DisconnectedError, ExecuteError, QMPError, UsageError, open_qmp
 
 _TCP = re.compile(r"(?:tcp:)?\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d+)")
 
@@ -75,10 +75,16 @@ async def _follow(args: argparse.Namespace, match: dict[str, Any] | None) -> int
     async with open_qmp(parse_address(args.address), connect_timeout=args.connect_timeout) as qmp:
         async with qmp.listen(*args.events, match=match, overflow="drop-oldest") as events:
             print(f"following events on {qmp.address} (Ctrl-C to stop)", file=sys.stderr)
-            async for event in events:
-                print(json.dumps(dict(event)), flush=True)
-                if events.dropped:
-                    print(f"warning: {events.dropped} events dropped", file=sys.stderr)
+            reported = 0
+            try:
+                async for event in events:
+                    print(json.dumps(dict(event)), flush=True)
+                    if events.dropped > reported:
+                        reported = events.dropped
+                        print(f"warning: {reported} events dropped so far", file=sys.stderr)
+            except DisconnectedError:
+                # QEMU quitting ends the stream; that is how following usually stops.
+                print(f"{qmp.address} closed the connection", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kvmkit.commands.qmp import parse_address
+from kvmkit.qmp import DisconnectedError
 from kvmkit.qmp.sync import connect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,6 +100,33 @@ def test_events_follow_until_interrupted(qemu: Any) -> None:
         assert (first["event"], second["event"]) == ("RESUME", "STOP")
         assert "timestamp" in first
         os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_events_end_when_qemu_quits(qemu: Any) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmkit", "qmp", str(qemu.socket), "--events"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = LineReader(proc.stdout), LineReader(proc.stderr)
+    try:
+        assert "following events" in err.line()
+        with connect(qemu.sockets[1]) as qmp:
+            try:
+                qmp.execute("quit")
+            except DisconnectedError:
+                pass  # QEMU may exit before its reply is read; the events say it quit
+        assert json.loads(out.line())["event"] == "SHUTDOWN"
+        assert "closed the connection" in err.line()
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
