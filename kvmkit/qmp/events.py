@@ -4,6 +4,9 @@ A listener is created by :meth:`kvmkit.qmp.QMPClient.listen` and is an async con
 manager (entering subscribes it, leaving unsubscribes it) and an async iterator of
 qemu.qmp :class:`~qemu.qmp.Message` events (``event``, ``data``, ``timestamp``).
 
+A listener sees the events that arrive while it is entered, not earlier ones: enter it
+before doing what causes the event (``execute_and_wait`` does exactly that).
+
 Filters: ``names`` (none means every event) and ``match``, a dict that matches when each
 of its keys is present in the event's ``data`` with an equal value; nested dicts are
 compared the same way, recursively.
