@@ -69,3 +69,16 @@ def test_sync_connect_error_and_lost_connection(qemu: Any, tmp_path: Any) -> Non
             qmp.wait_event("STOP", timeout=10)
         with pytest.raises(DisconnectedError):
             qmp.execute("query-status")
+
+
+def test_sync_listener_iterates_until_closed(qemu: Any) -> None:
+    with connect(qemu.socket) as qmp, qmp.listen("STOP", "RESUME") as events:
+        qmp.execute("cont")
+        qmp.execute("stop")
+        names = []
+        for event in events:
+            names.append(event["event"])
+            if len(names) == 2:
+                break
+        assert names == ["RESUME", "STOP"]
+        assert events.dropped == 0
