@@ -27,6 +27,7 @@ import trio
 from qemu.qmp import QMPClient as UpstreamClient
 
 from benchmarks.common import Result
+from benchmarks.report import print_results
 from kvmkit.qmp import open_qmp
 
 TITLE = "QMP round trips: raw socket vs qemu.qmp vs kvmkit.qmp"
@@ -246,10 +247,11 @@ def run(quick: bool = False) -> list[Result]:
             (upstream, raw, None),
             (ours_ids, upstream, None),
         ):
+            short = baseline.split(" ")[0].replace("raw", "raw socket")
             results.append(
                 Result(
                     benchmark="qmp",
-                    case=case,
+                    case=f"{case} / {short}",  # unique per row, for --compare
                     value=rate[case],
                     unit="commands/s",
                     baseline_case=baseline,
@@ -267,16 +269,8 @@ def run(quick: bool = False) -> list[Result]:
 
 
 def main(argv: list[str]) -> int:
-    quick = "--quick" in argv
     print(TITLE)
-    results = run(quick=quick)
-    for r in results:
-        ratio = r.ratio or 0.0
-        target = f"  (target {r.target})" if r.target else ""
-        print(
-            f"  {r.case:<27} {r.value:6.0f} {r.unit}  vs {r.baseline_case:<22} "
-            f"{r.baseline or 0:6.0f}  = {ratio:.2f}x{target}"
-        )
+    print_results(run(quick="--quick" in argv))
     return 0
 
 
