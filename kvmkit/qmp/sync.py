@@ -20,6 +20,7 @@ is also done at interpreter exit if the caller forgot.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -180,7 +181,7 @@ class SyncQMPClient:
             trio.from_thread.run_sync(self._spawn, call, trio_token=self._token)
         except trio.RunFinishedError:
             raise DisconnectedError("the QMP connection's thread has ended") from None
-        wait = None if timeout is None else timeout + _GRACE
+        wait = None if timeout is None or timeout == math.inf else timeout + _GRACE
         try:
             ok, value = result.get(timeout=wait)
         except queue.Empty:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ def test_sync_execute_events_and_errors(qemu: Any) -> None:
     with connect(qemu.socket) as qmp:
         assert qmp.greeting is not None
         assert qmp.execute("query-status")["status"] == "prelaunch"
+        assert qmp.execute("query-status", timeout=math.inf)["running"] is False
         with pytest.raises(ExecuteError) as info:
             qmp.execute("no-such-command")
         assert info.value.error_class == "CommandNotFound"
