@@ -21,7 +21,6 @@ is also done at interpreter exit if the caller forgot.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -109,13 +108,14 @@ class SyncQMPClient:
         self._thread = threading.Thread(
             target=trio.run,
             args=(self._main, address, connect_timeout, negotiate, validate, options),
-            name=f"kvmkit-qmp {os.fspath(address) if isinstance(address, str) else address}",
+            name=f"kvmkit-qmp {address}",
             daemon=True,
         )
         self._thread.start()
         try:
             error = self._ready.get(timeout=connect_timeout + _GRACE)
         except queue.Empty:
+            self._closed = True  # if the thread connects after all, it closes again
             raise QMPTimeoutError(
                 f"the QMP thread did not start within {connect_timeout + _GRACE:g} s"
             ) from None
@@ -143,7 +143,8 @@ class SyncQMPClient:
                 self._token = trio.lowlevel.current_trio_token()
                 self._stop = trio.Event()
                 self._ready.put(None)
-                await self._stop.wait()
+                if not self._closed:
+                    await self._stop.wait()
         except BaseException as exc:  # handed to the caller's thread
             if self._client is None:
                 self._ready.put(exc)
@@ -185,6 +186,7 @@ class SyncQMPClient:
         try:
             ok, value = result.get(timeout=wait)
         except queue.Empty:
+            self._closed = True  # if the thread connects after all, it closes again
             raise QMPTimeoutError(f"the QMP thread did not answer within {wait:g} s") from None
         if ok:
             return value  # type: ignore[no-any-return]
