@@ -5,7 +5,8 @@
     kvmkit qmp /run/vm/qmp.sock query-status
     kvmkit qmp localhost:4444 qom-get '{"path": "/machine", "property": "type"}'
     kvmkit qmp /run/vm/qmp.sock --events                 # every event, one JSON per line
-    kvmkit qmp /run/vm/qmp.sock --events STOP RESUME --match '{"reason": "host-qmp-stop"}'
+    kvmkit qmp /run/vm/qmp.sock --events STOP RESUME     # only these
+    kvmkit qmp /run/vm/qmp.sock --events SHUTDOWN --match '{"reason": "host-qmp-quit"}'
 
 ADDRESS is a unix socket path (``unix:`` prefix optional) or ``HOST:PORT`` (``tcp:`` prefix
 optional; ``[v6addr]:PORT`` for IPv6).
