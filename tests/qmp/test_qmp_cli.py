@@ -112,7 +112,8 @@ def test_events_follow_until_interrupted(qemu: Any) -> None:
 
 def test_events_end_when_qemu_quits(qemu: Any) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmkit", "qmp", str(qemu.socket), "--events"],
+        [sys.executable, "-m", "kvmkit", "qmp", str(qemu.socket), "--events", "STOP", "SHUTDOWN"]
+        + ["--match", '{"reason": "host-qmp-quit"}'],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -121,11 +122,15 @@ def test_events_end_when_qemu_quits(qemu: Any) -> None:
     try:
         assert "following events" in err.line()
         with connect(qemu.sockets[1]) as qmp:
+            qmp.execute("cont")
+            qmp.execute("stop")  # STOP has no "reason": filtered out by --match
             try:
                 qmp.execute("quit")
             except DisconnectedError:
                 pass  # QEMU may exit before its reply is read; the events say it quit
-        assert json.loads(out.line())["event"] == "SHUTDOWN"
+        shutdown = json.loads(out.line())
+        assert shutdown["event"] == "SHUTDOWN"
+        assert shutdown["data"]["reason"] == "host-qmp-quit"
         assert "closed the connection" in err.line()
         assert proc.wait(timeout=20) == 0
     finally:
