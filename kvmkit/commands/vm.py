@@ -318,16 +318,10 @@ def cmd_attach_disk(args: argparse.Namespace) -> int:
     fmt = args.format or qemu_img.info(path)["format"]
 
     async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        bus = None
-        if record.config.machine == "q35":
-            used = {d.get("bus") for d in record.hotplugged().values()}
-            free = [f"hp{i}" for i in range(record.config.hotplug_ports) if f"hp{i}" not in used]
-            if not free:
-                raise VmStateError("no free hotplug port left on this q35 VM")
-            bus = free[0]
-        disk = await hotplug.add_disk(qmp, str(path), fmt=fmt, disk_id=args.id, bus=bus)
+        # On q35 this picks a free pcie-root-port; on pc, the root bus.
+        disk = await hotplug.add_disk(qmp, str(path), fmt=fmt, disk_id=args.id)
         plugged = record.hotplugged()
-        plugged[disk.id] = {"path": str(path), "format": fmt, "bus": bus}
+        plugged[disk.id] = {"path": str(path), "format": fmt}
         record.save_hotplugged(plugged)
         print(f"VM {record.name}: attached {path} as {disk.id}")
         return 0

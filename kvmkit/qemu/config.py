@@ -41,7 +41,10 @@ class MachineConfig:
     ``accel`` is ``None``/``"auto"`` (kvm where it can run a Linux guest, else tcg),
     ``"kvm"`` or ``"tcg"``.  ``maxmem_mib``/``memory_slots`` enable memory hotplug;
     ``maxcpus`` > ``cpus`` enables CPU hotplug; ``hotplug_ports`` adds that many
-    ``pcie-root-port``s on q35 (pcie.0 itself refuses hotplug).
+    ``pcie-root-port``s on q35 (pcie.0 itself refuses hotplug).  ``microvm`` uses
+    virtio-mmio devices and has no hotplug; under TCG on QEMU 7.2 the guest kit's kernel
+    was seen to hang early in about 1 of 10-15 microvm boots (stuck idle, no timer
+    interrupt), so prefer ``pc`` or ``q35`` where boots must not fail.
     """
 
     name: str = "kvmkit"

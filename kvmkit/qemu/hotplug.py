@@ -98,6 +98,27 @@ async def device_ids(qmp: QMPClient, path: str = "/machine/peripheral") -> list[
     return sorted(p["name"] for p in props if str(p.get("type", "")).startswith("child<"))
 
 
+async def free_hotplug_bus(qmp: QMPClient) -> str | None:
+    """The id of an empty hotplug root port (``hp<N>``, as kvmkit adds on q35), or None
+    when the machine has none (``pc``: devices go on the root bus, which hotplugs).
+    Raises HotplugError when root ports exist but all are taken."""
+    ports: list[tuple[str, bool]] = []
+    for bus in await qmp.execute("query-pci"):
+        for dev in bus.get("devices", []):
+            bridge = dev.get("pci_bridge")
+            if bridge is not None and str(dev.get("qdev_id", "")).startswith("hp"):
+                ports.append((dev["qdev_id"], bool(bridge.get("devices"))))
+    if not ports:
+        return None
+    for port, used in sorted(ports):
+        if not used:
+            return port
+    raise HotplugError(
+        f"all {len(ports)} hotplug root ports are in use",
+        hint="remove a device or start the VM with more hotplug_ports",
+    )
+
+
 # -- block devices ----------------------------------------------------------------------
 
 
@@ -163,8 +184,8 @@ async def add_disk(
     console: SerialConsole | None = None,
     timeout: float = 20.0,
 ) -> PluggedDisk:
-    """Hot-add ``path`` as a virtio disk.  ``bus`` is needed on q35 (a free
-    ``pcie-root-port``).  The device's serial is its id, so the guest can find it in
+    """Hot-add ``path`` as a virtio disk.  ``bus`` defaults to a free ``hp<N>`` root
+    port where the machine has them (q35), else the root bus.  The device's serial is its id, so the guest can find it in
     ``/sys/block/vd*/serial``."""
     disk_id = disk_id or _new_id("hd")
     if len(disk_id) > 20:
@@ -172,6 +193,12 @@ async def add_disk(
     start = time.perf_counter()
     await blockdev_add(qmp, path, node=disk_id, fmt=fmt, readonly=readonly)
     args: dict[str, Any] = {"driver": driver, "id": disk_id, "drive": disk_id, "serial": disk_id}
+    if bus is None and driver.endswith("-pci"):
+        try:
+            bus = await free_hotplug_bus(qmp)
+        except HotplugError:
+            await blockdev_del(qmp, disk_id)
+            raise
     if bus:
         args["bus"] = bus
     try:
@@ -215,6 +242,12 @@ async def add_nic(
     serial = next(_ids)
     mac = f"52:54:00:4b:{(serial >> 8) & 0xFF:02x}:{serial & 0xFF:02x}"
     args: dict[str, Any] = {"driver": driver, "id": nic_id, "netdev": f"{nic_id}-net", "mac": mac}
+    if bus is None and driver.endswith("-pci"):
+        try:
+            bus = await free_hotplug_bus(qmp)
+        except HotplugError:
+            await _netdev_del_quietly(qmp, f"{nic_id}-net")
+            raise
     if bus:
         args["bus"] = bus
     try:

@@ -98,3 +98,27 @@ async def test_cpu_memory_and_balloon(guest_kit: object, qemu_base: Path) -> Non
         free_kb = await console.run("grep MemTotal /proc/meminfo")
         assert mem_total(free_kb) < before
         assert abs(await hotplug.set_balloon(vm.qmp, 256) - 256) <= 2
+
+
+async def test_q35_hotplug_uses_root_ports(
+    guest_kit: object, qemu_base: Path, tmp_path: Path
+) -> None:
+    from kvmkit.qemu.config import guest_kit_config
+
+    config = guest_kit_config(guest_kit, machine="q35", hotplug_ports=1)  # type: ignore[arg-type]
+    disks = []
+    for name in ("a", "b"):
+        disks.append(tmp_path / f"{name}.qcow2")
+        qemu_img.create(disks[-1], "8M")
+    async with QemuMachine(config, base_dir=qemu_base) as vm:
+        await vm.wait_ready()
+        assert await hotplug.free_hotplug_bus(vm.qmp) == "hp0"
+        plugged = await hotplug.add_disk(vm.qmp, str(disks[0]), console=vm.console)
+        assert plugged.guest_name == "vda"
+        # The only root port is taken: the second disk is refused and nothing is left over.
+        with pytest.raises(HotplugError, match="root ports are in use"):
+            await hotplug.add_disk(vm.qmp, str(disks[1]), disk_id="second")
+        nodes = [n["node-name"] for n in await vm.qmp.execute("query-named-block-nodes")]
+        assert "second" not in nodes and "second-file" not in nodes
+        await hotplug.remove_disk(vm.qmp, plugged.id)
+        assert await hotplug.free_hotplug_bus(vm.qmp) == "hp0"
