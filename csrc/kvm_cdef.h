@@ -277,3 +277,4 @@ int ioctl(int fd, unsigned long request, ...);
 /* ---- kvmkit helpers (kvm_helpers.c) ---- */
 int kvmkit_kick_signal(void);
 int kvmkit_install_kick_handler(void);
+int kvmkit_kvm_run(int vcpu_fd);

@@ -40,3 +40,11 @@ int kvmkit_install_kick_handler(void)
     sa.sa_flags = 0;
     return sigaction(kvmkit_kick_signal(), &sa, NULL);
 }
+
+/* KVM_RUN for the Python side: a plain (non-variadic) call is cheaper through cffi than
+   ioctl(), and the error comes back as -errno, so no second call to read errno. */
+int kvmkit_kvm_run(int vcpu_fd)
+{
+    int rc = ioctl(vcpu_fd, KVM_RUN, 0);
+    return rc < 0 ? -errno : rc;
+}

@@ -12,7 +12,7 @@ from typing import Any
 
 from kvmkit._ffi import ffi, lib
 from kvmkit.errors import KvmIoctlError, KvmkitError
-from kvmkit.kvm import Vcpu, ioctls
+from kvmkit.kvm import Vcpu
 from kvmkit.kvm.exits import (
     Debug,
     FailEntry,
@@ -199,7 +199,7 @@ class VcpuLoop:
         vcpu, stats, dispatch = self.vcpu, self.stats, self.dispatch
         exits, ports, port_map, mmio = stats.exits, stats.ports, self.bus.ports, stats.mmio
         mmio_device = self.bus.mmio_device
-        ioctl, fd, kvm_run, zero = lib.ioctl, vcpu.fd, ioctls.KVM_RUN, ffi.cast("unsigned long", 0)
+        kvm_run, fd = lib.kvmkit_kvm_run, vcpu.fd
         decode = vcpu.decode_exit
         now = time.monotonic_ns
         start = now()
@@ -207,12 +207,12 @@ class VcpuLoop:
         try:
             while True:
                 t0 = now()
-                rc = ioctl(fd, kvm_run, zero)
+                rc = kvm_run(fd)
                 t1 = now()
                 stats.kvm_run_calls += 1
                 stats.ns_in_run += t1 - t0
                 if rc < 0:
-                    exit_: VcpuExit = vcpu.interrupted_or_raise(ffi.errno)
+                    exit_: VcpuExit = vcpu.interrupted_or_raise(-rc)
                 else:
                     exit_ = decode()
                 if type(exit_) is IoOut:  # the hot case, inlined
