@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -525,6 +526,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         auto_converge=args.auto_converge,
     )
     progress = _migration_progress(args.json)
+    # The statistics carry the warnings; print them once, below, not as Python warnings.
+    warnings.simplefilter("ignore", migration.MigrationWarning)
 
     async def main() -> int:
         with record.lock(timeout=30):

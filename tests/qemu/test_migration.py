@@ -77,7 +77,7 @@ async def test_cancelled_migration_and_killed_destination_leave_source_running(
     kit_config: MachineConfig, qemu_base: Path
 ) -> None:
     # 4 MiB/s cannot keep up with the dirtying guest: the migration never converges.
-    slow = mig.MigrationOptions(max_bandwidth=4 * 2**20, downtime_limit_ms=10)
+    slow = mig.MigrationOptions(max_bandwidth=4 * 2**20)
     async with QemuMachine(kit_config, base_dir=qemu_base) as src:
         await src.wait_ready()
         checksum = await _start_workload(src.console)
@@ -145,3 +145,47 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_multifd_and_postcopy_with_checked_parameters(
+    kit_config: MachineConfig, qemu_base: Path
+) -> None:
+    async with QemuMachine(kit_config, base_dir=qemu_base) as src:
+        await src.wait_ready()
+        checksum = await _start_workload(src.console)
+
+        if (await src.qmp.execute("query-kvm"))["enabled"] is False:
+            # Low downtime limits corrupted dirtying guests under TCG: kvmkit warns first.
+            risky = mig.MigrationOptions(downtime_limit_ms=100)
+            assert len(await mig.tcg_hazards(src.qmp, risky)) == 1
+            assert await mig.tcg_hazards(src.qmp, mig.MigrationOptions()) == []
+
+        bad = mig.MigrationOptions(multifd_channels=0)
+        async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as refused:
+            with pytest.raises(MigrationError, match="multifd-channels"):
+                await mig.migrate_machine(src, refused, options=bad)
+        assert await src.status() == "running"
+
+        multifd = mig.MigrationOptions(multifd_channels=2, downtime_limit_ms=400)
+        async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as mid:
+            stats = await mig.migrate_machine(src, mid, options=multifd)
+            assert stats.status == "completed"
+            caps = {
+                c["capability"]: c["state"]
+                for c in await src.qmp.execute("query-migrate-capabilities")
+            }
+            assert caps["multifd"] and caps["events"] and not caps["postcopy-ram"]
+            params = await src.qmp.execute("query-migrate-parameters")
+            assert params["multifd-channels"] == 2 and params["downtime-limit"] == 400
+            assert await mig.guest_checksum(mid.console, "/tmp/data") == checksum
+
+            postcopy = mig.MigrationOptions(postcopy=True)
+            async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as dst:
+                stats = await mig.migrate_machine(mid, dst, options=postcopy)
+                assert stats.status == "completed"
+                assert await dst.status() == "running"
+                assert await mig.guest_checksum(dst.console, "/tmp/data") == checksum
+                after = await _counter(dst.console)
+                await dst.console.run(
+                    f'while [ "$(cat /tmp/counter)" -le {after} ]; do sleep 0.1; done', timeout=60
+                )
