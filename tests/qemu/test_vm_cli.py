@@ -110,3 +110,61 @@ def test_vm_cli_lifecycle(
         shutil.rmtree(state, ignore_errors=True)
         disk.unlink(missing_ok=True)
         extra.unlink(missing_ok=True)
+
+
+def test_vm_migrate_interrupted_by_ctrl_c_keeps_the_source(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    qemu_base: Path,
+    guest_kit: object,
+) -> None:
+    import subprocess
+    import sys
+
+    state = qemu_base / "cli-state-sigint"
+    monkeypatch.setenv("KVMKIT_STATE_DIR", str(state))
+    try:
+        _ok(capsys, "start", "mig", "--quiet")
+        vm_dir = state / "vms" / "mig"
+        pid = int((vm_dir / "qemu.pid").read_text())
+        # Keep dirtying memory so that a 4 MiB/s migration cannot finish.
+        _ok(
+            capsys,
+            "console",
+            "mig",
+            "-c",
+            "(dd if=/dev/urandom of=/tmp/r bs=1M count=16 2>/dev/null; while true; do "
+            "dd if=/tmp/r of=/tmp/d bs=1M conv=notrunc 2>/dev/null; done) >/dev/null 2>&1 &",
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmkit", "vm", "migrate", "mig", "--bandwidth", "4"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not any(vm_dir.glob("incoming-*/qmp.sock")):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(2.0)  # migrating now
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        # The source kept running, the migration is cancelled, the half-made destination
+        # is gone.
+        assert int((vm_dir / "qemu.pid").read_text()) == pid
+        assert json.loads(_ok(capsys, "list", "--json"))[0]["state"] == "running"
+        reply = json.loads(_ok(capsys, "qmp", "mig", "query-migrate"))
+        assert reply["status"] == "cancelled"
+        assert not list(vm_dir.glob("incoming-*"))
+        assert _ok(capsys, "console", "mig", "-c", "echo still-here").strip() == "still-here"
+    finally:
+        main(["vm", "destroy", "mig", "--undefine"])
+        shutil.rmtree(state, ignore_errors=True)
