@@ -36,7 +36,7 @@ MIB = 2**20
 
 DIRTY = (
     "dd if=/dev/urandom of=/tmp/r bs=1M count=16 2>/dev/null; "
-    "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
+    "(i=0; while true; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; "
     "dd if=/tmp/r of=/tmp/dirty bs=1M seek=$((i % 8 * 16)) conv=notrunc 2>/dev/null; "
     "done) >/dev/null 2>&1 &"
 )
