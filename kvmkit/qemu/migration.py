@@ -174,7 +174,7 @@ async def _accel_is_tcg(qmp: QMPClient) -> bool:
 
 
 #: Under TCG, every corrupted guest seen here had been migrated with this many dirty-bitmap
-#: syncs or more (setup + >= 2 iterations + completion); intact ones had 3.
+#: syncs or more (setup + >= 2 iterations + completion); not every such migration corrupts.
 RISKY_DIRTY_SYNCS = 4
 
 #: QEMU's default downtime-limit (ms); below it, TCG migrations were seen to corrupt guests.
@@ -358,8 +358,8 @@ async def migrate(
     if stats.dirty_sync_count >= RISKY_DIRTY_SYNCS and await _accel_is_tcg(source):
         text = (
             f"this migration needed {stats.dirty_sync_count} dirty-bitmap syncs under TCG; "
-            f"every corrupted guest seen on QEMU 7.2 came from migrations with "
-            f">= {RISKY_DIRTY_SYNCS} syncs (all intact ones had 3): verify the guest"
+            f"every corrupted guest seen on QEMU 7.2 came from a migration with "
+            f">= {RISKY_DIRTY_SYNCS} syncs: verify the guest"
         )
         warnings.warn(text, MigrationWarning, stacklevel=2)
         stats.warnings.append(text)
