@@ -81,7 +81,8 @@ async def _start_record(record: vmstore.VmRecord, config: MachineConfig, wait: f
     pid = await vmstore.spawn(record, config)
     accel = record.path("accel").read_text().strip()
     print(f"VM {record.name} started: pid {pid}, accelerator {accel}")
-    if wait > 0 and config.initrd and config.initrd.endswith("initrd.gz"):
+    kit_initrd = config.initrd and Path(config.initrd).is_relative_to(guestkit.kits_dir())
+    if wait > 0 and kit_initrd:
         if await vmstore.wait_console_marker(record, guestkit.READY_MARKER, wait):
             print(f"VM {record.name}: guest ready")
         else:

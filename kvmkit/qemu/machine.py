@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
@@ -36,6 +37,9 @@ from types import TracebackType
 from typing import Any
 
 import trio
+
+if sys.version_info < (3, 11):  # trio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup
 
 from kvmkit.qemu.accel import AccelChoice, choose_accel
 from kvmkit.qemu.config import MachineConfig, build_command, format_command
@@ -445,7 +449,7 @@ async def _close_quietly(stack: AsyncExitStack) -> None:
         await stack.aclose()
     except (QMPError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-    except BaseExceptionGroup as group:  # noqa: F821  (builtin on 3.11, exceptiongroup before)
+    except BaseExceptionGroup as group:
         rest = group.subgroup(
             lambda e: (
                 not isinstance(e, QMPError | trio.BrokenResourceError | trio.ClosedResourceError)

@@ -4,6 +4,7 @@ tests start, and a session-end check that no QEMU process, socket or directory s
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 
 from kvmkit.qemu import guestkit
 from kvmkit.qemu.config import MachineConfig, guest_kit_config
+from kvmkit.qemu.errors import GuestKitError
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -43,8 +45,6 @@ def qemu_base() -> Iterator[Path]:
             pass
     leftovers = sorted(p.name for p in base.iterdir())
     for path in base.iterdir():
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)
     base.rmdir()
     assert not survivors, f"QEMU processes survived the tests: {survivors}"
@@ -54,7 +54,10 @@ def qemu_base() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def guest_kit(qemu_binary: str) -> guestkit.GuestKit:
     """The guest kit, built on first use (downloads the Debian kernel package)."""
-    return guestkit.ensure_kit()
+    try:
+        return guestkit.ensure_kit()
+    except GuestKitError as exc:  # e.g. no apt on this host: nothing to boot
+        pytest.skip(f"cannot build the guest kit here: {exc}")
 
 
 @pytest.fixture
