@@ -63,12 +63,16 @@ def _config_from_args(args: argparse.Namespace, base: MachineConfig | None) -> M
     if args.maxmem is not None:
         base.maxmem_mib = args.maxmem
         base.memory_slots = max(base.memory_slots, 4)
-    for index, disk in enumerate(args.disk or []):
+    for disk in args.disk or []:
         path = Path(disk).resolve()
         if not path.exists():
             raise VmStateError(f"disk {disk} does not exist", hint="create it with qemu-img")
+        if str(path) in {d.path for d in base.drives}:
+            continue  # already part of this VM
         fmt = qemu_img.info(path)["format"]
-        base.drives.append(Drive(str(path), format=fmt, node=f"disk{len(base.drives) + index}"))
+        nodes = {d.node for d in base.drives}
+        node = next(f"disk{i}" for i in range(len(nodes) + 1) if f"disk{i}" not in nodes)
+        base.drives.append(Drive(str(path), format=fmt, node=node))
     base.validate()
     return base
 

@@ -46,7 +46,7 @@ from kvmkit.qemu.config import MachineConfig, build_command, format_command
 from kvmkit.qemu.console import SerialConsole
 from kvmkit.qemu.errors import LaunchError, MachineStateError
 from kvmkit.qemu.guestkit import PROMPT, READY_MARKER
-from kvmkit.qmp import ConnectError, DisconnectedError, QMPClient, QMPError, open_qmp
+from kvmkit.qmp import ConnectError, QMPClient, QMPError, open_qmp
 
 
 class State(enum.Enum):
@@ -397,27 +397,28 @@ class QemuMachine(trio.abc.AsyncResource):
             await self._ladder(False, None)
 
     async def _ladder(self, graceful: bool, qmp: QMPClient | None) -> None:
+        """powerdown → quit → SIGTERM → SIGKILL; each rung only if QEMU is still there."""
         assert self._process is not None
-        if qmp is not None and graceful:
+        if qmp is not None and qmp.closed:
+            qmp = None  # nobody to talk to: straight to the signals
+        if qmp is not None and graceful and await self._guest_running(qmp):
+            self.shutdown_step = "system_powerdown"
             try:
-                with trio.move_on_after(1.0):
-                    status = (await qmp.execute("query-status", timeout=1.0))["status"]
-                if status == "running":
-                    self.shutdown_step = "system_powerdown"
-                    await qmp.execute_and_wait(
-                        "system_powerdown", event="SHUTDOWN", timeout=self.powerdown_timeout
-                    )
-                    if await self._wait_gone(self.powerdown_timeout):
-                        return
-            except (QMPError, KeyError, TypeError, NameError):
-                pass
+                await qmp.execute_and_wait(
+                    "system_powerdown", event="SHUTDOWN", timeout=self.powerdown_timeout
+                )
+            except QMPError:
+                pass  # no ACPI handler in the guest, or QEMU went away: next rung
+            else:
+                if await self._wait_gone(self.powerdown_timeout):
+                    return
         if qmp is not None and self._process.returncode is None:
             self.shutdown_step = "quit"
             try:
                 with trio.move_on_after(self.quit_timeout):
                     await qmp.execute("quit", timeout=self.quit_timeout)
-            except (QMPError, DisconnectedError):
-                pass
+            except QMPError:
+                pass  # QEMU may close the socket before it replies
             if await self._wait_gone(self.quit_timeout):
                 return
         if self._process.returncode is None:
@@ -428,6 +429,16 @@ class QemuMachine(trio.abc.AsyncResource):
         if self._process.returncode is None:
             self.shutdown_step = "SIGKILL"
             self._process.send_signal(signal.SIGKILL)
+
+    @staticmethod
+    async def _guest_running(qmp: QMPClient) -> bool:
+        try:
+            with trio.move_on_after(1.0):
+                reply = await qmp.execute("query-status", timeout=1.0)
+                return bool(reply.get("status") == "running")
+        except QMPError:
+            pass
+        return False
 
     def describe(self) -> dict[str, Any]:
         """A summary for display: name, pid, accelerator and why, command line."""

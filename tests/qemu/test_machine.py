@@ -117,3 +117,13 @@ async def test_machines_in_a_nursery_close_in_any_order(
     assert all(pid is not None and not _alive(pid) for pid in pids)
     assert first.directory is not None and not first.directory.exists()
     assert second.directory is not None and not second.directory.exists()
+
+
+async def test_ladder_falls_back_to_sigterm_without_qmp(
+    kit_config: MachineConfig, qemu_base: Path
+) -> None:
+    async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as vm:
+        pid = vm.pid
+        await vm.qmp.aclose()  # QMP gone: the ladder can only signal
+    assert vm.shutdown_step == "SIGTERM"
+    assert vm.exit_code is not None and pid is not None and not _alive(pid)
