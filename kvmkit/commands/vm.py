@@ -608,6 +608,10 @@ def _kill(pid: int | None) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
+        return
+    try:
+        os.waitpid(pid, 0)  # reap it when this process started it
+    except ChildProcessError:
         pass
 
 
