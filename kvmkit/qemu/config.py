@@ -138,6 +138,7 @@ def build_command(
     accel: str,
     qmp_socket: Path,
     console_socket: Path,
+    qmp_fd: int | None = None,
     console_log: Path | None = None,
     pidfile: Path | None = None,
     paused: bool = True,
@@ -145,7 +146,8 @@ def build_command(
 ) -> list[str]:
     """The QEMU argument list for ``config``.
 
-    The QMP monitor listens on ``qmp_socket`` and the serial console (ttyS0) on
+    The QMP monitor listens on ``qmp_socket`` (or talks over the connected socket
+    ``qmp_fd`` the caller passes to QEMU) and the serial console (ttyS0) on
     ``console_socket``, both as servers that do not wait for a client; ``console_log``
     additionally receives every byte the guest writes to the console.  ``paused`` adds
     ``-S`` so the caller can connect before the guest runs.  ``incoming`` (e.g.
@@ -176,7 +178,10 @@ def build_command(
     if config.append:
         cmd += ["-append", config.append]
 
-    cmd += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+    if qmp_fd is not None:
+        cmd += ["-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control"]
+    else:
+        cmd += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
     chardev = f"socket,id=serial0,path={console_socket},server=on,wait=off"
     if console_log is not None:
         chardev += f",logfile={console_log},logappend=on"

@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,8 +63,11 @@ class QemuMachine(trio.abc.AsyncResource):
     the same task).
 
     ``incoming`` (e.g. ``"defer"``) makes it a migration destination: it is not resumed
-    after launch.  ``base_dir`` is where the private directory is created (default: the
-    system temp dir).  Timeouts are in seconds.
+    after launch.  ``qmp_transport`` is ``"unix"`` (a socket in the private directory,
+    which other clients can use too) or ``"socketpair"`` (a connected pair; nothing on
+    disk, and under cancellation the ladder can only signal).  ``base_dir`` is where the
+    private directory is created (default: the system temp dir).  Timeouts are in
+    seconds.
     """
 
     def __init__(
@@ -76,7 +80,13 @@ class QemuMachine(trio.abc.AsyncResource):
         powerdown_timeout: float = 5.0,
         quit_timeout: float = 5.0,
         term_timeout: float = 5.0,
+        qmp_transport: str = "unix",
     ) -> None:
+        if qmp_transport not in ("unix", "socketpair"):
+            raise MachineStateError(
+                f"unknown QMP transport {qmp_transport!r}", hint="use unix or socketpair"
+            )
+        self.qmp_transport = qmp_transport
         self.config = config
         self.incoming = incoming
         self.accel: AccelChoice = choose_accel(config.accel)
@@ -216,46 +226,72 @@ class QemuMachine(trio.abc.AsyncResource):
         self.directory = Path(tempfile.mkdtemp(**kwargs))  # mkdtemp creates it 0700
         os.chmod(self.directory, 0o700)
         self.started_at = time.time()
-        self.cmdline = build_command(
-            self.config,
-            accel=self.accel.name,
-            qmp_socket=self.qmp_socket,
-            console_socket=self.console_socket,
-            console_log=self.console_log,
-            paused=True,
-            incoming=self.incoming,
-        )
-        with open(self.log_path, "wb") as log:
-            try:
-                self._process = await trio.lowlevel.open_process(
-                    self.cmdline, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-                )
-            except OSError as exc:
-                raise LaunchError(
-                    f"cannot start {self.config.qemu_binary}: {exc}",
-                    cmdline=self.cmdline,
-                    hint="install qemu-system-x86 or set qemu_binary",
-                ) from exc
+        ours: socket.socket | None = None
+        theirs: socket.socket | None = None
+        if self.qmp_transport == "socketpair":
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.cmdline = build_command(
+                self.config,
+                accel=self.accel.name,
+                qmp_socket=self.qmp_socket,
+                qmp_fd=theirs.fileno() if theirs is not None else None,
+                console_socket=self.console_socket,
+                console_log=self.console_log,
+                paused=True,
+                incoming=self.incoming,
+            )
+            with open(self.log_path, "wb") as log:
+                try:
+                    self._process = await trio.lowlevel.open_process(
+                        self.cmdline,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        pass_fds=(theirs.fileno(),) if theirs is not None else (),
+                    )
+                except OSError as exc:
+                    raise LaunchError(
+                        f"cannot start {self.config.qemu_binary}: {exc}",
+                        cmdline=self.cmdline,
+                        hint="install qemu-system-x86 or set qemu_binary",
+                    ) from exc
+        except BaseException:
+            if ours is not None:
+                ours.close()
+            raise
+        finally:
+            if theirs is not None:
+                theirs.close()  # QEMU has its own copy now
         self._stack = AsyncExitStack()
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         nursery.start_soon(self._watch_process)
 
         deadline = trio.current_time() + self.launch_timeout
-        while not self.qmp_socket.exists():
+        # QEMU creates its sockets while it initialises, before it checks devices.
+        first = self.qmp_socket if ours is None else self.console_socket
+        while not first.exists():
             if self._process.returncode is not None or self._exited.is_set():
+                if ours is not None:
+                    ours.close()
                 await self._process.wait()
                 raise self._launch_error(f"QEMU exited during start-up of {self.config.name}")
             if trio.current_time() > deadline:
+                if ours is not None:
+                    ours.close()
                 raise self._launch_error(
-                    f"QEMU did not create its QMP socket within {self.launch_timeout:g} s"
+                    f"QEMU did not create its sockets within {self.launch_timeout:g} s"
                 )
             await trio.sleep(0.01)
-        # The socket file exists from bind(); connections are refused until listen().
-        probe = await self._connect_unix(self.qmp_socket, deadline)
-        await probe.aclose()
+        address: Any = ours
+        if ours is None:
+            # The socket file exists from bind(); connections are refused until listen().
+            probe = await self._connect_unix(self.qmp_socket, deadline)
+            await probe.aclose()
+            address = self.qmp_socket
         try:
             self._qmp = await self._stack.enter_async_context(
-                open_qmp(self.qmp_socket, connect_timeout=max(1.0, deadline - trio.current_time()))
+                open_qmp(address, connect_timeout=max(1.0, deadline - trio.current_time()))
             )
         except ConnectError as exc:
             # QEMU creates the socket before it checks devices: it may be exiting now.
@@ -388,6 +424,9 @@ class QemuMachine(trio.abc.AsyncResource):
             self.state = State.STOPPED
 
     async def _ladder_fresh(self, graceful: bool) -> None:
+        if self.qmp_transport == "socketpair":
+            await self._ladder(False, None)  # the only QMP channel is gone: signals
+            return
         try:
             async with open_qmp(self.qmp_socket, connect_timeout=2.0) as fresh:
                 await self._ladder(graceful, fresh)

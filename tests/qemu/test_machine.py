@@ -127,3 +127,13 @@ async def test_ladder_falls_back_to_sigterm_without_qmp(
         await vm.qmp.aclose()  # QMP gone: the ladder can only signal
     assert vm.shutdown_step == "SIGTERM"
     assert vm.exit_code is not None and pid is not None and not _alive(pid)
+
+
+async def test_qmp_over_a_socketpair(kit_config: MachineConfig, qemu_base: Path) -> None:
+    async with QemuMachine(kit_config, base_dir=qemu_base, qmp_transport="socketpair") as vm:
+        assert not vm.qmp_socket.exists()
+        assert "mode=control" in " ".join(vm.cmdline)
+        await vm.wait_ready()
+        assert (await vm.qmp.execute("query-status"))["status"] == "running"
+        assert (await vm.console.run("echo pair")).strip() == "pair"
+    assert vm.shutdown_step == "system_powerdown" and vm.exit_code == 0
