@@ -95,6 +95,13 @@ def test_vm_cli_lifecycle(
         info = json.loads(_ok(capsys, "info", "demo2", "--json"))
         clone_disk = info["config"]["drives"][0]["path"]
         assert qemu_img.info(clone_disk)["backing-filename"] == str(disk)
+        assert "full copy" in _ok(capsys, "clone", "demo", "demo3")
+        full = json.loads(_ok(capsys, "info", "demo3", "--json"))["config"]["drives"][0]
+        assert "backing-filename" not in qemu_img.info(full["path"])
+        assert Path(full["path"]).parent == state / "vms" / "demo3"
+        status, _, err = _kvmkit(capsys, "clone", "demo", "demo3")
+        assert status == 1 and "already exists" in err
+        _ok(capsys, "destroy", "demo3", "--undefine")
         _ok(capsys, "autostart", "demo2")
         assert json.loads(_ok(capsys, "list", "--json"))[1]["autostart"] is True
 
