@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kvmkit.kvm.backend import detect_backend
+
 Backend = Literal["vmx", "svm", "pvm", "other", "none"]
 Workload = Literal["linux", "tiny"]
 
@@ -25,10 +27,8 @@ def kvm_backend(sys_module: Path = _SYS_MODULE) -> Backend:
     /dev/kvm)."""
     if not os.path.exists("/dev/kvm") or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "none"
-    for module, name in (("kvm_pvm", "pvm"), ("kvm_intel", "vmx"), ("kvm_amd", "svm")):
-        if (sys_module / module).is_dir():
-            return name  # type: ignore[return-value]
-    return "other"
+    found = detect_backend(sys_module)
+    return "other" if found == "unknown" else found  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
