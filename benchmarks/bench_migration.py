@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from benchmarks.common import Result
+from benchmarks.report import print_results
 from kvmkit.qemu import migration as mig
 from kvmkit.qemu.config import guest_kit_config
 from kvmkit.qemu.guestkit import ensure_kit
@@ -125,8 +126,10 @@ def run(quick: bool = False) -> list[Result]:
     idle_file = data["idle_file"]
     dirty = data["dirty_tcp"]
     assert isinstance(idle_tcp, list) and isinstance(idle_file, list) and isinstance(dirty, list)
-    target = f"QEMU -accel {data['accel']}, {MEMORY_MIB} MiB guest"
-    extra_common = {"dirty_rate_mib_s": round(float(data["dirty_rate_mib_s"]), 1)}  # type: ignore[arg-type]
+    extra_common = {
+        "setup": f"QEMU -accel {data['accel']}, {MEMORY_MIB} MiB guest",
+        "dirty_rate_mib_s": round(float(data["dirty_rate_mib_s"]), 1),  # type: ignore[arg-type]
+    }
 
     def samples(stats: list[mig.MigrationStats]) -> dict[str, Any]:
         return {"runs": [s.to_json() for s in stats], **extra_common}
@@ -139,7 +142,6 @@ def run(quick: bool = False) -> list[Result]:
             "ms",
             baseline_case="idle guest, save to file (exec:cat): total time",
             baseline=_median(idle_file, "total_time_ms"),
-            target=target,
             extra={"tcp": samples(idle_tcp), "file": samples(idle_file)},
         ),
         Result(
@@ -149,7 +151,6 @@ def run(quick: bool = False) -> list[Result]:
             "ms",
             baseline_case="idle guest, tcp: total time",
             baseline=_median(idle_tcp, "total_time_ms"),
-            target=target,
             extra=samples(dirty),
         ),
         Result(
@@ -159,7 +160,7 @@ def run(quick: bool = False) -> list[Result]:
             "ms",
             baseline_case="idle guest, tcp: downtime",
             baseline=_median(idle_tcp, "downtime_ms"),
-            target=target,
+            extra=extra_common,
         ),
         Result(
             BENCH,
@@ -168,7 +169,7 @@ def run(quick: bool = False) -> list[Result]:
             "MiB",
             baseline_case="idle guest, tcp: data sent",
             baseline=_sent_mib(idle_tcp),
-            target=target,
+            extra=extra_common,
         ),
     ]
 
@@ -176,14 +177,9 @@ def run(quick: bool = False) -> list[Result]:
 def main() -> int:
     quick = "--quick" in sys.argv
     results = run(quick=quick)
-    print(f"{TITLE} ({results[0].target}); baselines measured in the same run")
-    for r in results:
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        print(
-            f"  {r.case:<36} {r.value:9.1f} {r.unit:<3}  vs {r.baseline_case}: "
-            f"{r.baseline:.1f} {r.unit} ({ratio})"
-        )
     dirty = results[1].extra
+    print(f"{TITLE} ({dirty['setup']}); baselines measured in the same run")
+    print_results(results)
     print(f"  guest dirty rate ~{dirty['dirty_rate_mib_s']} MiB/s; per-run statistics:")
     for label, runs in (
         ("idle tcp", results[0].extra["tcp"]["runs"]),
