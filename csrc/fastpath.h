@@ -55,6 +55,8 @@ struct kvmkit_fastpath {
     uint64_t ns_in_run;
     uint64_t exits[];
     uint64_t *port_counts;
+    uint16_t *touched;
+    uint32_t ntouched;
     uint64_t exit_value;
     int err;
     ...;
