@@ -39,7 +39,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,7 +48,7 @@ from kvmkit.errors import KvmkitError
 from kvmkit.kvm import Kvm, Vm
 from kvmkit.kvm.cpuid import with_apic_id
 from kvmkit.kvm.modes import DEFAULT_TABLES_AT, TABLES_SIZE, Mode, setup_mode
-from kvmkit.runner.bus import Bus
+from kvmkit.runner.bus import Bus, PortDevice
 from kvmkit.runner.context import DEFAULT_CONSOLE_LIMIT, Console, RunContext
 from kvmkit.runner.devices import DebugConsole, DebugExit, FwCfg, Hypercalls, Uart8250
 from kvmkit.runner.devices.debugcon import DEBUGCON_PORT
@@ -104,6 +104,9 @@ class RunConfig:
     console_limit: int = DEFAULT_CONSOLE_LIMIT
     #: A file descriptor (terminal or pipe) whose bytes go to the UART's receiver.
     stdin_fd: int | None = None
+    #: Your own port devices, ``(base, count, make)`` with ``make(ctx) -> device``; they
+    #: are registered first, and a standard device whose ports they take is left out.
+    port_devices: Sequence[tuple[int, int, Callable[[RunContext], PortDevice]]] = ()
 
 
 @dataclass
@@ -169,14 +172,29 @@ def _add_ram(vm: Vm, size: int) -> None:
         vm.add_memory(HIGH_RAM_BASE, size - LOW_RAM_LIMIT)
 
 
-def build_bus(ctx: RunContext, *, mem_size: int, vcpus: int) -> Bus:
-    """The runner's standard devices on a fresh bus."""
+def build_bus(
+    ctx: RunContext,
+    *,
+    mem_size: int,
+    vcpus: int,
+    port_devices: Sequence[tuple[int, int, Callable[[RunContext], PortDevice]]] = (),
+) -> Bus:
+    """A fresh bus: ``port_devices`` first, then each of the runner's standard devices
+    whose ports are all still free (the bus is the one truth: a port a caller's device
+    took is that device's, also for the C fast path)."""
     bus = Bus()
-    bus.register_ports(DEBUGCON_PORT, 1, DebugConsole(ctx.console))
-    bus.register_ports(DEBUG_EXIT_PORT, 4, DebugExit())
-    bus.register_ports(COM1_PORT, 8, Uart8250(ctx.console, irq=ctx.irq))
-    bus.register_ports(FW_CFG_PORT_SEL, 2, FwCfg(ram_size=mem_size, cpus=vcpus))
-    bus.register_ports(HYPERCALL_BASE + 1, HYPERCALL_COUNT - 1, Hypercalls(ctx))
+    for base, count, make in port_devices:
+        bus.register_ports(base, count, make(ctx))
+    standard: list[tuple[int, int, Callable[[], PortDevice]]] = [
+        (DEBUGCON_PORT, 1, lambda: DebugConsole(ctx.console)),
+        (DEBUG_EXIT_PORT, 4, DebugExit),
+        (COM1_PORT, 8, lambda: Uart8250(ctx.console, irq=ctx.irq)),
+        (FW_CFG_PORT_SEL, 2, lambda: FwCfg(ram_size=mem_size, cpus=vcpus)),
+        (HYPERCALL_BASE + 1, HYPERCALL_COUNT - 1, lambda: Hypercalls(ctx)),
+    ]
+    for base, count, make_std in standard:
+        if all(p not in bus.ports for p in range(base, base + count)):
+            bus.register_ports(base, count, make_std())
     return bus
 
 
@@ -254,7 +272,9 @@ def _boot(
         place(image, vm)
         irq = IrqChipLines(vm) if config.irqchip else None
         ctx = RunContext(vm, console=console, irq=irq)
-        bus = build_bus(ctx, mem_size=config.mem_size, vcpus=config.vcpus)
+        bus = build_bus(
+            ctx, mem_size=config.mem_size, vcpus=config.vcpus, port_devices=config.port_devices
+        )
         cpuid = kvm.supported_cpuid()
         vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
         boot = vcpus[0]
@@ -279,8 +299,9 @@ def _boot(
             vcpu.set_cpuid2(with_apic_id(cpuid, i))
         feeding = threading.Event()
         feeder = None
-        if config.stdin_fd is not None:
-            feeder = forward_input(bus.ports[COM1_PORT], config.stdin_fd, feeding)  # type: ignore[arg-type]
+        uart = bus.ports.get(COM1_PORT)
+        if config.stdin_fd is not None and isinstance(uart, Uart8250):
+            feeder = forward_input(uart, config.stdin_fd, feeding)
         try:
             return _run_vcpus(config, ctx, bus, vcpus, image.kind, mode, deadline)
         finally:
