@@ -71,7 +71,6 @@ KINDS = (
     "system_event",
     "interrupted",
     "irq_window_open",
-    "hypercall",
     "unknown",
 )
 

@@ -124,3 +124,11 @@ def test_struct_sizes_and_offsets_match_gcc(tmp_path: Path) -> None:
     assert ffi.sizeof("struct kvm_ioeventfd") == 64
     assert ffi.sizeof("struct kvm_msi") == 32
     assert ffi.sizeof("struct kvm_irq_routing_entry") == 48
+
+
+def test_exit_kinds_agree_between_the_c_fast_path_and_python() -> None:
+    from kvmkit.runner.stats import KINDS
+
+    assert lib.KVMKIT_NR_KINDS == len(KINDS)
+    for i, name in enumerate(KINDS):
+        assert getattr(lib, f"KVMKIT_KIND_{name.upper()}") == i, name

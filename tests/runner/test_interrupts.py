@@ -28,7 +28,9 @@ def flat(tmp: Path, code: bytes, name: str = "guest.bin") -> Path:
     return path
 
 
-def kvmkit(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+def kvmkit(
+    *args: str, input: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "kvmkit", "run", *args],
         input=input,
