@@ -93,8 +93,9 @@ class VcpuLoop:
         #: ends the run; benchmarks that time HLT exits resume instead.
         self.halt_ends_run = halt_ends_run
         self._stats = VcpuStats()
-        self._fp: Any = None  # the C fast path's state, made on first run_fast()
         self._fp_keep: tuple[Any, ...] = ()
+        #: The C fast path's state, allocated here, once, not in the (timed) run_fast().
+        self._fp: Any = self._fastpath()
         #: Idle probes (see :meth:`request_probe`): the answer and when it came.
         self._probe_wanted = False
         self.probe_done = threading.Event()
@@ -105,8 +106,7 @@ class VcpuLoop:
         """This vCPU's statistics, with the C fast path's counters merged in (the merge
         happens here, when read, outside any timed loop).  Read it when the loop is not
         running."""
-        if self._fp is not None:
-            self._merge_c_counters(self._fp)
+        self._merge_c_counters(self._fp)
         return self._stats
 
     # ---- idle probes (the machine ends a run whose vCPUs can never wake) -------------
@@ -340,9 +340,8 @@ class VcpuLoop:
         return port
 
     def _fastpath(self) -> Any:
-        """The fast path's state, allocated once per loop (port table included)."""
-        if self._fp is not None:
-            return self._fp
+        """The fast path's state (port table included; calloc'd, so untouched pages cost
+        nothing).  The bus must be complete: what C may serve is decided here."""
         fp = ffi.new("struct kvmkit_fastpath *")
         fp.vcpu_fd = self.vcpu.fd
         fp.run = self.vcpu.kvm_run
@@ -363,7 +362,6 @@ class VcpuLoop:
         fp.port_counts = port_counts
         fp.touched = touched
         self._fp_keep = (port_counts, touched)  # keep them alive as long as fp
-        self._fp = fp
         return fp
 
     def _drain(self, fp: Any) -> None:
@@ -377,7 +375,7 @@ class VcpuLoop:
         fp.nmarks = 0
 
     def run_fast(self) -> Outcome:
-        fp = self._fastpath()
+        fp = self._fp
         vcpu = self.vcpu
         start = time.monotonic_ns()
         vcpu.bind_thread(threading.get_ident())
