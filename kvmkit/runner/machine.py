@@ -244,6 +244,10 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     kvm = kvm or Kvm()
     reboots = 0
     try:
+        if config.vcpus > kvm.max_vcpus:
+            raise RunnerError(
+                f"--vcpus {config.vcpus}: this KVM runs at most {kvm.max_vcpus} vCPUs per VM"
+            )
         while True:
             result = _boot(config, kvm, image, mode, console, deadline)
             if result.reason == "reset" and config.reboot:
