@@ -111,7 +111,12 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """How a run ended, what the guest printed, and the statistics."""
+    """How a run ended, what the guest printed, and the statistics.
+
+    ``console`` is the last ``console_limit`` bytes (``console_dropped`` more came
+    before them); after ``reboots`` restarts (``reboot=True``) the console spans every
+    boot and ``stats`` is the last boot's.
+    """
 
     reason: str  # exit | halt | reset | poweroff | timeout | crash | interrupted | error
     exit_code: int | None
