@@ -96,8 +96,10 @@ class Uart8250:
             elif reg == 1 and dlab:
                 self.dlm = value
             elif reg == 1:
-                if value & _IER_THRI and not self.ier & _IER_THRI:
-                    self.thr_ipending = True  # the transmitter is empty: say so at once
+                if (value ^ self.ier) & _IER_THRI:
+                    # as QEMU: turning THRI on raises "THR empty" at once (the
+                    # transmitter is always empty here); turning it off forgets it
+                    self.thr_ipending = bool(value & _IER_THRI)
                 self.ier = value & 0x0F
             elif reg == 2:
                 self.fcr = value & 0xC9
