@@ -33,7 +33,9 @@ class Console:
     """The guest's console: the last ``limit`` bytes are kept (for ``--json`` and
     tests) and, when ``echo`` is a stream, every byte is written through as it arrives.
 
-    Memory is bounded whatever the guest writes: at most ``limit`` bytes plus one write.
+    Memory is bounded whatever the guest writes: at most twice ``limit`` (plus 64 KiB)
+    and one write; the buffer is trimmed only when it reaches that, so a guest writing a
+    byte at a time costs no copy of the whole buffer per byte.
     If the echo stream goes away (a closed pipe), echoing stops and the run goes on;
     ``echo_lost`` says so.
     """
@@ -51,13 +53,13 @@ class Console:
     @property
     def dropped(self) -> int:
         """Bytes the guest wrote that are no longer kept (the oldest ones)."""
-        return self.total - len(self._buf)
+        return self.total - min(len(self._buf), self.limit)
 
     def write(self, data: bytes) -> None:
         with self._lock:
             self.total += len(data)
             self._buf += data
-            if len(self._buf) > self.limit:
+            if len(self._buf) > 2 * self.limit + (64 << 10):
                 del self._buf[: len(self._buf) - self.limit]
             if self._echo is not None:
                 self._echo_write(data)
@@ -75,8 +77,10 @@ class Console:
             self.echo_lost = True
 
     def text(self) -> str:
+        """The last ``limit`` bytes, decoded (UTF-8, bad bytes replaced)."""
         with self._lock:
-            return self._buf.decode("utf-8", "replace")
+            keep = self._buf[max(len(self._buf) - self.limit, 0) :] if self.limit else b""
+            return bytes(keep).decode("utf-8", "replace")
 
 
 class RunContext:

@@ -278,3 +278,13 @@ def test_the_bus_decides_who_answers_a_port_also_for_the_c_fast_path(
         (0xF4, (5).to_bytes(4, "little")),
     ]
     assert r.console == "" and r.reason == "timeout"
+
+
+def test_console_keeps_the_last_bytes_in_bounded_memory() -> None:
+    console = Console(None, limit=1000)
+    for i in range(200_000):
+        console.write(b"%c" % (0x41 + i % 26))
+        assert len(console._buf) <= 2 * 1000 + (64 << 10) + 1  # never more than this
+    assert console.total == 200_000 and console.dropped == 199_000
+    tail = console.text()
+    assert len(tail) == 1000 and tail.endswith("ABCDEFGHIJKLMNOPQR"[: (200_000 - 1) % 26 + 1])
