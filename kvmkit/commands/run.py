@@ -105,12 +105,15 @@ def _resolve_image(name: str) -> Path:
 
 
 def _forwardable_stdin() -> int | None:
-    """fd 0 when it is a terminal or a pipe (the guest's serial input), else None."""
+    """fd 0 when it is a pipe, or a terminal whose foreground we are (reading a terminal
+    from the background would stop the whole process with SIGTTIN), else None."""
     try:
         mode = os.fstat(0).st_mode
+        if os.isatty(0):
+            return 0 if os.tcgetpgrp(0) == os.getpgrp() else None
     except OSError:
         return None
-    return 0 if os.isatty(0) or stat.S_ISFIFO(mode) else None
+    return 0 if stat.S_ISFIFO(mode) else None
 
 
 def run(args: argparse.Namespace) -> int:
