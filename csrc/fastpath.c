@@ -1,7 +1,8 @@
 /*
  * The runner's C fast path: KVM_RUN in a loop, in C, with the GIL released (cffi releases
  * it around every call).  It answers the exits that need no Python — debug console bytes,
- * the exit port, the exit and boot-timer-mark hypercalls — and counts every exit exactly
+ * the exit port, the exit and boot-timer-mark hypercalls, each only when Python set its
+ * port because the bus gives that port to the standard device — and counts every exit exactly
  * as the Python loop does (kinds, ports, KVM_RUN calls, time in KVM_RUN), then returns to
  * Python only for the exits it does not handle, when the guest asked to exit, when it was
  * interrupted, or when its console or mark buffer needs draining.
@@ -31,9 +32,8 @@
 #define KVMKIT_KIND_SYSTEM_EVENT 9
 #define KVMKIT_KIND_INTERRUPTED 10
 #define KVMKIT_KIND_IRQ_WINDOW_OPEN 11
-#define KVMKIT_KIND_HYPERCALL 12
-#define KVMKIT_KIND_UNKNOWN 13
-#define KVMKIT_NR_KINDS 14
+#define KVMKIT_KIND_UNKNOWN 12
+#define KVMKIT_NR_KINDS 13
 
 #define KVMKIT_MAX_REGIONS 8
 #define KVMKIT_MAX_MARKS 64
@@ -71,6 +71,8 @@ struct kvmkit_fastpath {
     uint64_t ns_in_run;
     uint64_t exits[KVMKIT_NR_KINDS];
     uint64_t *port_counts;      /* 65536 counters, or NULL */
+    uint16_t *touched;          /* ports whose counter went from 0 to 1 (65536 slots) */
+    uint32_t ntouched;
     uint64_t exit_value;
     int err;
 };
@@ -99,7 +101,6 @@ int kvmkit_exit_kind(struct kvm_run *run, int rc, int err)
     case KVM_EXIT_SYSTEM_EVENT: return KVMKIT_KIND_SYSTEM_EVENT;
     case KVM_EXIT_INTR: return KVMKIT_KIND_INTERRUPTED;
     case KVM_EXIT_IRQ_WINDOW_OPEN: return KVMKIT_KIND_IRQ_WINDOW_OPEN;
-    case KVM_EXIT_HYPERCALL: return KVMKIT_KIND_HYPERCALL;
     default: return KVMKIT_KIND_UNKNOWN;
     }
 }
@@ -168,8 +169,8 @@ int kvmkit_fast_run(struct kvmkit_fastpath *fp)
         if (run->exit_reason != KVM_EXIT_IO)
             return KVMKIT_FP_UNHANDLED;
         int port = run->io.port;
-        if (fp->port_counts)
-            fp->port_counts[port]++;
+        if (fp->port_counts && fp->port_counts[port]++ == 0)
+            fp->touched[fp->ntouched++] = (uint16_t)port;
         if (kind != KVMKIT_KIND_IO_OUT || run->io.count != 1)
             return KVMKIT_FP_UNHANDLED;
         if (port == fp->console_port) {

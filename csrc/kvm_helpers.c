@@ -16,6 +16,7 @@ typedef __typeof__(((struct kvm_run *)0)->mmio) kvmkit_run_mmio;
 typedef __typeof__(((struct kvm_run *)0)->hypercall) kvmkit_run_hypercall;
 typedef __typeof__(((struct kvm_run *)0)->internal) kvmkit_run_internal;
 typedef __typeof__(((struct kvm_run *)0)->system_event) kvmkit_run_system_event;
+typedef __typeof__(((struct kvm_irq_routing_entry *)0)->u) kvmkit_irq_routing_u;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->exception) kvmkit_events_exception;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->interrupt) kvmkit_events_interrupt;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->nmi) kvmkit_events_nmi;

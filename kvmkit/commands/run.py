@@ -1,31 +1,29 @@
 """``kvmkit run IMAGE``: run a guest image under kvmkit's minimal VM runner.
 
-Exit status: the guest's exit code (port 0xf4 or the exit hypercall); 0 when it halted;
-2 for an image that cannot be loaded; 124 on --timeout; 125 when the guest crashed
-(triple fault) or KVM could not run it; 130 when interrupted.
+Every VM has the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT, so HLT
+waits for an interrupt; --no-irqchip gives the bare one-vCPU machine where HLT ends the run.
+When stdin is a terminal or a pipe, its bytes go to the serial port (COM1, IRQ 4).
+
+Exit status: the guest's exit value (port 0xf4 or the exit hypercall) when it is 0-255,
+255 for a larger one (--json has it whole); 0 when it halted for good (HLT on the bare
+machine; with the irqchip, every vCPU halted with interrupts off), reset (without
+--reboot) or powered off; 2 for an image that cannot be loaded; 124 on --timeout; 125
+when the guest crashed (triple fault) or KVM could not run it; 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-from kvmkit.errors import KvmkitError
+from kvmkit.sizes import size_arg
 
-
-def parse_size(text: str) -> int:
-    """``64M``, ``1G``, ``512K`` or a number of bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M or 1G)") from None
+DEFAULT_CONSOLE_LIMIT = 1 << 20
 
 
 def register(sub: Any) -> None:
@@ -43,7 +41,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--cpl", type=int, choices=[0, 3], default=0, help="privilege level to start at")
     p.add_argument(
-        "--mem", type=parse_size, default=64 << 20, metavar="SIZE", help="guest RAM (default 64M)"
+        "--mem",
+        type=size_arg("B"),
+        default=64 << 20,
+        metavar="SIZE",
+        help="guest RAM (default 64M)",
     )
     p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (SMP via INIT/SIPI)")
     p.add_argument("--timeout", type=float, metavar="S", help="kick every vCPU after S seconds")
@@ -70,6 +72,24 @@ def register(sub: Any) -> None:
         help="multiboot module (repeatable)",
     )
     p.add_argument("--load-addr", type=lambda s: int(s, 0), help="load address of a flat binary")
+    p.add_argument(
+        "--no-irqchip",
+        action="store_true",
+        help="no in-kernel PIC/IOAPIC/LAPIC/PIT: one vCPU, HLT exits to the VMM and ends the run",
+    )
+    p.add_argument(
+        "--reboot",
+        action="store_true",
+        help="restart the guest when it resets the machine or triple-faults "
+        "(default: end the run, as QEMU's -no-reboot)",
+    )
+    p.add_argument(
+        "--console-limit",
+        type=size_arg("B"),
+        default=DEFAULT_CONSOLE_LIMIT,
+        metavar="SIZE",
+        help="console bytes kept for --json (the last ones; default 1M); the stream gets all",
+    )
     p.set_defaults(func=run)
 
 
@@ -82,6 +102,18 @@ def _resolve_image(name: str) -> Path:
     if name in guests.GUEST_NAMES:
         return guests.build_guest(name)
     return path  # the loader reports the missing file
+
+
+def _forwardable_stdin() -> int | None:
+    """fd 0 when it is a pipe, or a terminal whose foreground we are (reading a terminal
+    from the background would stop the whole process with SIGTTIN), else None."""
+    try:
+        mode = os.fstat(0).st_mode
+        if os.isatty(0):
+            return 0 if os.tcgetpgrp(0) == os.getpgrp() else None
+    except OSError:
+        return None
+    return 0 if stat.S_ISFIFO(mode) else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,16 +133,25 @@ def run(args: argparse.Namespace) -> int:
         modules=[Path(m) for m in args.module],
         load_addr=args.load_addr,
         echo=sys.stderr if args.json else sys.stdout,  # with --json, stdout is the JSON
+        irqchip=not args.no_irqchip,
+        reboot=args.reboot,
+        console_limit=args.console_limit,
+        stdin_fd=_forwardable_stdin(),
     )
+    result = run_guest(config)
     try:
-        result = run_guest(config)
-    except KvmkitError:
-        raise
+        _report(args, result)
+    except BrokenPipeError:  # stdout went away: the run's own status still stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return result.process_status
+
+
+def _report(args: argparse.Namespace, result: Any) -> None:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         sys.stdout.flush()
-        if result.reason not in ("exit", "halt"):
+        if result.reason not in ("exit", "halt", "poweroff"):
             print(f"kvmkit run: {result.reason}: {result.detail}", file=sys.stderr)
             for state in result.vcpu_states:
                 if state:
@@ -122,4 +163,4 @@ def run(args: argparse.Namespace) -> int:
                         print("  " + state["regs"].replace("\n", "\n  "), file=sys.stderr)
         if args.stats:
             print(result.stats.format_table(), file=sys.stderr)
-    return result.process_status
+    sys.stdout.flush()

@@ -1,5 +1,9 @@
 """Typed results of ``Vcpu.run()``: one small class per kind of VM exit.
 
+kvmkit never enables ``KVM_CAP_EXIT_HYPERCALL``, so ``KVM_EXIT_HYPERCALL`` cannot
+happen; should a kernel produce it anyway it arrives as :class:`UnknownExit`.  (Guest
+programs call the runner through port I/O, see ``kvmkit.runner.devices.hypercalls``.)
+
 ``IoIn`` and ``MmioRead`` must be answered with ``reply(data)`` before the next
 ``run()``; the data goes straight into the shared ``kvm_run`` page, where KVM picks it up
 when the vCPU resumes.
@@ -129,14 +133,6 @@ class SystemEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class Hypercall:
-    """``KVM_EXIT_HYPERCALL`` (only with KVM_CAP_EXIT_HYPERCALL enabled)."""
-
-    nr: int
-    args: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class Interrupted:
     """``run()`` returned without guest progress: a kick, a signal or immediate_exit."""
 
@@ -165,7 +161,6 @@ VcpuExit = (
     | InternalError
     | Debug
     | SystemEvent
-    | Hypercall
     | Interrupted
     | IrqWindowOpen
     | UnknownExit
@@ -194,7 +189,6 @@ _NAMES: dict[type, str] = {
     InternalError: "internal_error",
     Debug: "debug",
     SystemEvent: "system_event",
-    Hypercall: "hypercall",
     Interrupted: "interrupted",
     IrqWindowOpen: "irq_window_open",
     UnknownExit: "unknown",

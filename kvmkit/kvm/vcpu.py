@@ -280,9 +280,6 @@ class Vcpu(FdObject):
             ev = run.system_event
             n = min(ev.ndata, 16)
             return exits.SystemEvent(ev.type, tuple(ev.data[i] for i in range(n)))
-        if reason == lib.KVM_EXIT_HYPERCALL:
-            hc = run.hypercall
-            return exits.Hypercall(hc.nr, tuple(hc.args))
         if reason == lib.KVM_EXIT_INTR:
             return exits.INTERRUPTED
         if reason == lib.KVM_EXIT_IRQ_WINDOW_OPEN:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvmkit._ffi import ffi, lib
 from kvmkit.errors import KvmError, KvmIoctlError, MemoryLayoutError
 from kvmkit.kvm import ioctls
 from kvmkit.kvm._fdobject import FdObject
+from kvmkit.kvm.irqroute import IrqchipRoute, Route
 from kvmkit.kvm.memory import PAGE_SIZE, GuestAddress, GuestMemory
 
 if TYPE_CHECKING:
@@ -212,6 +214,80 @@ class Vm(FdObject):
         """``KVM_IRQ_LINE``: raise or lower a GSI on the in-kernel irqchip."""
         arg = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": 1 if level else 0})
         self._ioctl(ioctls.KVM_IRQ_LINE, arg)
+
+    # ---- interrupts: MSI, GSI routing, irqfd, ioeventfd --------------------------------
+    def signal_msi(self, address: int, data: int) -> bool:
+        """``KVM_SIGNAL_MSI``: inject one MSI (needs the irqchip).  True if it was
+        delivered, False if the guest blocked it (e.g. a masked or disabled LAPIC)."""
+        msi = ffi.new(
+            "struct kvm_msi *",
+            {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data},
+        )
+        return bool(self._ioctl(ioctls.KVM_SIGNAL_MSI, msi) > 0)
+
+    def set_gsi_routing(self, routes: Sequence[Route]) -> None:
+        """``KVM_SET_GSI_ROUTING``: replace the whole GSI table with ``routes``
+        (start from :func:`kvmkit.kvm.irqroute.default_routes` to keep the PIC/IOAPIC
+        lines).  A GSI may appear more than once (it then drives every target)."""
+        n = len(routes)
+        table = ffi.new("struct kvm_irq_routing *", {"nr": n, "entries": max(n, 1)})
+        table.nr = n
+        for i, route in enumerate(routes):
+            entry = table.entries[i]
+            entry.gsi = route.gsi
+            if isinstance(route, IrqchipRoute):
+                entry.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                entry.u.irqchip.irqchip = route.irqchip
+                entry.u.irqchip.pin = route.pin
+            else:
+                entry.type = lib.KVM_IRQ_ROUTING_MSI
+                entry.u.msi.address_lo = route.address & 0xFFFFFFFF
+                entry.u.msi.address_hi = route.address >> 32
+                entry.u.msi.data = route.data
+        self._ioctl(ioctls.KVM_SET_GSI_ROUTING, table)
+
+    def irqfd(self, eventfd: int, gsi: int, *, deassign: bool = False) -> None:
+        """``KVM_IRQFD``: a write to ``eventfd`` raises (edge) GSI ``gsi`` in the kernel,
+        with no exit and no Python.  ``deassign=True`` removes the binding.  The caller
+        owns ``eventfd`` and keeps it open while bound."""
+        arg = ffi.new(
+            "struct kvm_irqfd *",
+            {"fd": eventfd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0},
+        )
+        self._ioctl(ioctls.KVM_IRQFD, arg)
+
+    def ioeventfd(
+        self,
+        eventfd: int,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        *,
+        pio: bool = True,
+        deassign: bool = False,
+    ) -> None:
+        """``KVM_IOEVENTFD``: a guest write of ``length`` bytes (1, 2, 4, 8; 0 = any) to
+        port (``pio``) or MMIO address ``addr`` — equal to ``datamatch`` when given —
+        signals ``eventfd`` and resumes the guest at once: no exit to user space.  Give the
+        same arguments with ``deassign=True`` to remove it."""
+        if length not in (0, 1, 2, 4, 8):
+            raise KvmError(f"ioeventfd length {length}: give 0, 1, 2, 4 or 8 bytes")
+        flags = (
+            (lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0)
+            | (lib.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
+            | (lib.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        )
+        arg = ffi.new(
+            "struct kvm_ioeventfd *",
+            {
+                "datamatch": datamatch or 0,
+                "addr": addr,
+                "len": length,
+                "fd": eventfd,
+                "flags": flags,
+            },
+        )
+        self._ioctl(ioctls.KVM_IOEVENTFD, arg)
 
     def get_clock(self) -> int:
         """``KVM_GET_CLOCK``: the VM's kvmclock in nanoseconds."""

@@ -11,9 +11,12 @@ the call (a device can still be polled).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvmkit.runner.errors import RunnerError
+
+if TYPE_CHECKING:
+    from kvmkit.kvm import Vm
 
 #: GSIs of KVM's default routing on x86: 24 IOAPIC pins (0-15 also on the PICs).
 IOAPIC_PINS = 24
@@ -44,3 +47,26 @@ class NoInterrupts:
 
     def pulse(self, gsi: int) -> None:
         check_gsi(gsi)
+
+
+class IrqChipLines:
+    """The in-kernel irqchip (``KVM_CREATE_IRQCHIP``): every call is one or two
+    ``KVM_IRQ_LINE`` ioctls on ``vm``, safe from any thread (the kernel serialises them).
+
+    ``limit`` is the number of GSIs the routing table has (24 with KVM's default one);
+    a line outside it is a :class:`RunnerError`, never a silent drop.
+    """
+
+    def __init__(self, vm: Vm, limit: int = IOAPIC_PINS) -> None:
+        if not vm.has_irqchip:
+            raise RunnerError("IrqChipLines needs a VM with the in-kernel irqchip")
+        self.vm = vm
+        self.limit = limit
+
+    def set_level(self, gsi: int, level: bool) -> None:
+        self.vm.irq_line(check_gsi(gsi, self.limit), level)
+
+    def pulse(self, gsi: int) -> None:
+        check_gsi(gsi, self.limit)
+        self.vm.irq_line(gsi, True)
+        self.vm.irq_line(gsi, False)

@@ -1,6 +1,11 @@
 """The two run loops of one vCPU: a Python loop that dispatches every exit, and the C fast
 path (``csrc/fastpath.c``) that handles the console, exit and mark ports itself and comes
 back to Python only for the rest.  Both produce the same console output and statistics.
+
+The bus is the one truth: the fast path serves a port only when the bus gives it to the
+runner's standard device for it (checked by the registered object, not by the port).
+The fast path's buffers are allocated once per loop, and its counters are merged into
+:attr:`VcpuLoop.stats` when that is read, never inside the timed loop.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from kvmkit.kvm.exits import (
 )
 from kvmkit.runner.bus import Bus
 from kvmkit.runner.context import GuestExit, RunContext
-from kvmkit.runner.devices.debugcon import DEBUGCON_PORT
-from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
-from kvmkit.runner.devices.hypercalls import HC_EXIT, HC_MARK, HYPERCALL_BASE
-from kvmkit.runner.errors import BusError
+from kvmkit.runner.crashinfo import describe_internal_error
+from kvmkit.runner.devices.debugcon import DEBUGCON_PORT, DebugConsole
+from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT, DebugExit
+from kvmkit.runner.devices.hypercalls import HC_EXIT, HC_MARK, HYPERCALL_BASE, Hypercalls
+from kvmkit.runner.errors import BusError, GuestCrashError
 from kvmkit.runner.stats import KINDS, VcpuStats
+
+_RFLAGS_IF = 1 << 9
 
 
 @dataclass
@@ -42,9 +50,11 @@ class Outcome:
     """How one vCPU's loop ended.
 
     ``kind``: ``exit`` (the guest asked, ``code`` set), ``halt`` (HLT with no irqchip),
-    ``stopped`` (another vCPU ended the run, or a timeout/interrupt kicked it),
-    ``crash`` (triple fault, failed entry, internal error), ``error`` (a kvmkit error,
-    e.g. ``--strict``; ``error`` set).
+    ``stopped`` (another vCPU ended the run, a device asked for reset/power-off, or a
+    timeout/interrupt kicked it), ``reset``/``poweroff`` (KVM's system event),
+    ``crash`` (triple fault — ``triple_fault`` set —, failed entry, internal error, a
+    guest fault a device reported), ``error`` (a kvmkit error, e.g. ``--strict``;
+    ``error`` set).
     """
 
     kind: str
@@ -52,6 +62,7 @@ class Outcome:
     detail: str = ""
     error: KvmkitError | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    triple_fault: bool = False
 
 
 class _Ended(Exception):
@@ -81,11 +92,56 @@ class VcpuLoop:
         #: Without an in-kernel irqchip nothing can wake a halted vCPU, so by default HLT
         #: ends the run; benchmarks that time HLT exits resume instead.
         self.halt_ends_run = halt_ends_run
-        self.stats = VcpuStats()
+        self._stats = VcpuStats()
+        self._fp_keep: tuple[Any, ...] = ()
+        #: The C fast path's state, allocated here, once, not in the (timed) run_fast().
+        self._fp: Any = self._fastpath()
+        #: Idle probes (see :meth:`request_probe`): the answer and when it came.
+        self._probe_wanted = False
+        self.probe_done = threading.Event()
+        self.probe_state = "running"
+
+    @property
+    def stats(self) -> VcpuStats:
+        """This vCPU's statistics, with the C fast path's counters merged in (the merge
+        happens here, when read, outside any timed loop).  Read it when the loop is not
+        running."""
+        self._merge_c_counters(self._fp)
+        return self._stats
+
+    # ---- idle probes (the machine ends a run whose vCPUs can never wake) -------------
+    def request_probe(self) -> None:
+        """Ask this vCPU's thread, from any thread, to report its idle state: the vCPU is
+        kicked out of ``KVM_RUN``, records :attr:`probe_state` and sets
+        :attr:`probe_done`, then resumes the guest.  Clear ``probe_done`` first."""
+        self._probe_wanted = True
+        self.vcpu.kick()
+
+    def _answer_probe(self) -> None:
+        self._probe_wanted = False
+        try:
+            self.probe_state = self._idle_state()
+        except KvmkitError:
+            self.probe_state = "running"  # when in doubt, never end the run
+        self.probe_done.set()
+
+    def _idle_state(self) -> str:
+        """``halted-if0`` (halted, interrupts off, no NMI pending: only INIT/SIPI/NMI
+        could wake it), ``waiting-sipi`` (an AP never started), ``halted`` (halted with
+        interrupts on) or ``running``.  Called on this vCPU's thread, outside KVM_RUN."""
+        mp = self.vcpu.get_mp_state()
+        if mp in (lib.KVM_MP_STATE_UNINITIALIZED, lib.KVM_MP_STATE_INIT_RECEIVED):
+            return "waiting-sipi"
+        if mp != lib.KVM_MP_STATE_HALTED:
+            return "running"
+        if self.vcpu.get_regs().rflags & _RFLAGS_IF:
+            return "halted"
+        nmi = self.vcpu.get_vcpu_events().nmi
+        return "halted" if nmi.pending or nmi.injected else "halted-if0"
 
     # ---- shared dispatch ----------------------------------------------------------
     def _unclaimed(self, what: str, addr: int, write: bool) -> None:
-        self.stats.unclaimed[what, addr] += 1
+        self._stats.unclaimed[what, addr] += 1
         if self.strict:
             rip = self.vcpu.get_regs().rip
             raise BusError(
@@ -95,7 +151,7 @@ class VcpuLoop:
     def dispatch(self, exit_: VcpuExit, *, count: bool) -> None:
         """Answer one exit.  ``count`` is False when the C fast path already counted the
         exit's kind and port.  Raises :class:`_Ended` when the loop must end."""
-        stats = self.stats
+        stats = self._stats
         cls = type(exit_)
         if count:
             stats.exits[exit_name(exit_)] += 1
@@ -131,8 +187,7 @@ class VcpuLoop:
         elif cls is MmioWrite or cls is MmioRead:
             self._dispatch_mmio(exit_)
         elif cls is Interrupted:
-            if self.stopping.is_set():
-                raise _Ended(Outcome("stopped"))
+            self._interrupted()
         elif cls is Hlt:
             if self.halt_ends_run:
                 raise _Ended(Outcome("halt", detail="the guest executed HLT"))
@@ -142,9 +197,17 @@ class VcpuLoop:
                     "crash",
                     detail="triple fault (shutdown): the guest faulted with no usable handler",
                     state=self.where(),
+                    triple_fault=True,
                 )
             )
-        elif cls in (FailEntry, InternalError, SystemEvent):
+        elif cls is InternalError:
+            assert isinstance(exit_, InternalError)
+            detail = describe_internal_error(exit_, self.vcpu)
+            raise _Ended(Outcome("crash", detail=detail, state=self.where()))
+        elif cls is SystemEvent:
+            assert isinstance(exit_, SystemEvent)
+            raise _Ended(self._system_event(exit_))
+        elif cls is FailEntry:
             raise _Ended(
                 Outcome("crash", detail=f"KVM stopped the guest: {exit_!r}", state=self.where())
             )
@@ -153,16 +216,31 @@ class VcpuLoop:
         else:
             raise _Ended(Outcome("crash", detail=f"unexpected exit {exit_!r}", state=self.where()))
 
+    def _interrupted(self) -> None:
+        if self.stopping.is_set():
+            raise _Ended(Outcome("stopped"))
+        if self._probe_wanted:
+            self._answer_probe()
+
+    def _system_event(self, ev: SystemEvent) -> Outcome:
+        if ev.type == lib.KVM_SYSTEM_EVENT_RESET:
+            return Outcome("reset", detail="the guest reset the machine (KVM system event)")
+        if ev.type == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+            return Outcome(
+                "poweroff", detail="the guest powered the machine off (KVM system event)"
+            )
+        return Outcome("crash", detail=f"KVM stopped the guest: {ev!r}", state=self.where())
+
     def _dispatch_mmio(self, exit_: VcpuExit) -> None:
         if isinstance(exit_, MmioWrite):
-            self.stats.mmio[exit_.addr] += 1
+            self._stats.mmio[exit_.addr] += 1
             dev = self.bus.mmio_device(exit_.addr)
             if dev is None:
                 self._unclaimed("mmio", exit_.addr, True)
             else:
                 dev.mmio_write(exit_.addr, exit_.data)
         elif isinstance(exit_, MmioRead):
-            self.stats.mmio[exit_.addr] += 1
+            self._stats.mmio[exit_.addr] += 1
             dev = self.bus.mmio_device(exit_.addr)
             if dev is None:
                 self._unclaimed("mmio", exit_.addr, False)
@@ -196,7 +274,7 @@ class VcpuLoop:
         """Issue ``KVM_RUN`` from Python and dispatch every exit in Python.  Only the ioctl
         itself is timed as time in ``KVM_RUN``; decoding and dispatch count as VMM time,
         the same boundary the C fast path draws."""
-        vcpu, stats, dispatch = self.vcpu, self.stats, self.dispatch
+        vcpu, stats, dispatch = self.vcpu, self._stats, self.dispatch
         exits, ports, port_map, mmio = stats.exits, stats.ports, self.bus.ports, stats.mmio
         mmio_device = self.bus.mmio_device
         kvm_run, fd = lib.kvmkit_kvm_run, vcpu.fd
@@ -240,26 +318,37 @@ class VcpuLoop:
             return Outcome("exit", code=g.code)
         except _Ended as e:
             return e.outcome
+        except GuestCrashError as exc:
+            return Outcome("crash", detail=str(exc), state=self.where())
         except KvmkitError as exc:
             return Outcome("error", error=exc, state=self.where())
         finally:
             vcpu.bind_thread(None)
-            stats.ns_total = now() - start
+            stats.ns_total += now() - start
 
     # ---- the C fast path ----------------------------------------------------------
-    def _fastpath_config(self) -> tuple[Any, Any]:
+    def _standard_port(self, port: int, cls: type) -> int:
+        """``port`` if the bus gives it to the runner's own ``cls`` device wired to this
+        run's context (so C may answer it exactly as that device would), else -1."""
+        dev = self.bus.ports.get(port)
+        if type(dev) is not cls:
+            return -1
+        if isinstance(dev, DebugConsole) and dev.console is not self.ctx.console:
+            return -1
+        if isinstance(dev, Hypercalls) and dev.ctx is not self.ctx:
+            return -1
+        return port
+
+    def _fastpath(self) -> Any:
+        """The fast path's state (port table included; calloc'd, so untouched pages cost
+        nothing).  The bus must be complete: what C may serve is decided here."""
         fp = ffi.new("struct kvmkit_fastpath *")
         fp.vcpu_fd = self.vcpu.fd
         fp.run = self.vcpu.kvm_run
-        handled = {
-            "console_port": DEBUGCON_PORT,
-            "exit_port": DEBUG_EXIT_PORT,
-            "exit_hypercall_port": HYPERCALL_BASE + HC_EXIT,
-            "mark_port": HYPERCALL_BASE + HC_MARK,
-        }
-        for field_name, port in handled.items():
-            # only ports whose device is the standard one may be short-circuited in C
-            setattr(fp, field_name, port if port in self.bus.ports else -1)
+        fp.console_port = self._standard_port(DEBUGCON_PORT, DebugConsole)
+        fp.exit_port = self._standard_port(DEBUG_EXIT_PORT, DebugExit)
+        fp.exit_hypercall_port = self._standard_port(HYPERCALL_BASE + HC_EXIT, Hypercalls)
+        fp.mark_port = self._standard_port(HYPERCALL_BASE + HC_MARK, Hypercalls)
         regions = self.ctx.vm.regions
         if len(regions) > lib.KVMKIT_MAX_REGIONS:
             fp.exit_hypercall_port = fp.mark_port = -1  # C cannot translate; Python will
@@ -269,8 +358,11 @@ class VcpuLoop:
             fp.regions[i].hva = ffi.cast("uint8_t *", region.host_address)
         fp.nregions = min(len(regions), lib.KVMKIT_MAX_REGIONS)
         port_counts = ffi.new("uint64_t[65536]")
+        touched = ffi.new("uint16_t[65536]")
         fp.port_counts = port_counts
-        return fp, port_counts
+        fp.touched = touched
+        self._fp_keep = (port_counts, touched)  # keep them alive as long as fp
+        return fp
 
     def _drain(self, fp: Any) -> None:
         if fp.console_len:
@@ -283,7 +375,7 @@ class VcpuLoop:
         fp.nmarks = 0
 
     def run_fast(self) -> Outcome:
-        fp, port_counts = self._fastpath_config()
+        fp = self._fp
         vcpu = self.vcpu
         start = time.monotonic_ns()
         vcpu.bind_thread(threading.get_ident())
@@ -296,29 +388,35 @@ class VcpuLoop:
                 elif rc == lib.KVMKIT_FP_GUEST_EXIT:
                     return Outcome("exit", code=int(fp.exit_value))
                 elif rc == lib.KVMKIT_FP_INTERRUPTED:
-                    if self.stopping.is_set():
-                        return Outcome("stopped")
+                    self._interrupted()
                 elif rc < 0:
                     raise KvmIoctlError("KVM_RUN", -rc, repr(vcpu))
         except GuestExit as g:
             return Outcome("exit", code=g.code)
         except _Ended as e:
             return e.outcome
+        except GuestCrashError as exc:
+            return Outcome("crash", detail=str(exc), state=self.where())
         except KvmkitError as exc:
             return Outcome("error", error=exc, state=self.where())
         finally:
             vcpu.bind_thread(None)
-            self.stats.ns_total = time.monotonic_ns() - start
-            self._merge_c_counters(fp, port_counts)
+            self._stats.ns_total += time.monotonic_ns() - start
 
-    def _merge_c_counters(self, fp: Any, port_counts: Any) -> None:
-        stats = self.stats
+    def _merge_c_counters(self, fp: Any) -> None:
+        """Move the C counters into :attr:`_stats` and zero them (so merging twice never
+        counts twice).  Only the ports C saw are visited, not all 65,536."""
+        stats = self._stats
         stats.kvm_run_calls += fp.run_calls
         stats.ns_in_run += fp.ns_in_run
+        fp.run_calls = fp.ns_in_run = 0
         for kind, name in enumerate(KINDS):
             if fp.exits[kind]:
                 stats.exits[name] += fp.exits[kind]
-        counts = memoryview(ffi.buffer(port_counts)).cast("Q")
-        for port, n in enumerate(counts):
-            if n:
-                stats.ports[port] += n
+                fp.exits[kind] = 0
+        counts, touched = fp.port_counts, fp.touched
+        for i in range(fp.ntouched):
+            port = touched[i]
+            stats.ports[port] += counts[port]
+            counts[port] = 0
+        fp.ntouched = 0

@@ -8,6 +8,30 @@ hole where the LAPIC, IOAPIC and MMIO devices live)::
     0x020000-0x02afff  runner's GDT, IDT, TSS (+I/O bitmap), page tables (protected/long)
     0x070000-0x07ffff  initial stack (top 0x80000) for ELF and flat images
     0x100000-          the image (multiboot kernels load here)
+
+Interrupts: every VM gets the in-kernel irqchip (PIC, IOAPIC, one LAPIC per vCPU) and
+PIT before its vCPUs, as kvmtool, Firecracker and QEMU create them; HLT then waits in
+the kernel.  ``irqchip=False`` (``--no-irqchip``) keeps the bare machine: one vCPU, and
+HLT exits to the VMM and ends the run.
+
+When the run ends (``RunResult.reason``): ``exit`` — the guest wrote its exit value
+(port 0xf4 or the exit hypercall); ``halt`` — it can never run again: on the bare
+machine it executed HLT, with the irqchip every vCPU is halted with interrupts off (or
+is an AP never started) and no NMI pending.  Nothing but INIT/SIPI/NMI can wake such a
+vCPU and no vCPU is left to send one, so the main thread, which asks every vCPU for
+its MP state and RFLAGS.IF from time to time (each asks on its own thread, after a kick;
+the interval grows from 20 ms to 0.5 s), ends the run after two such answers in a
+row.  A guest halted with interrupts *on* may still be woken by a timer or a device
+(e.g. the UART's stdin), so it runs until ``timeout``.  ``reset`` — a device called
+``RunContext.request_reset`` (or KVM reported a reset event) without ``reboot``;
+``poweroff``; ``timeout``; ``crash``; ``interrupted``; ``error``.  With ``reboot``, a
+reset or a triple fault restarts the guest from its image in a fresh VM (the console
+carries on; the timeout covers the whole run).
+
+Process status (``RunResult.process_status``): the guest's exit value when it is 0 to
+255, and 255 for any larger value (so no non-zero value ever becomes 0; ``--json``
+reports the value whole); 0 for halt, reset and poweroff (as QEMU's ``-no-reboot``);
+124 timeout; 125 crash; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +39,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,15 +48,16 @@ from kvmkit.errors import KvmkitError
 from kvmkit.kvm import Kvm, Vm
 from kvmkit.kvm.cpuid import with_apic_id
 from kvmkit.kvm.modes import DEFAULT_TABLES_AT, TABLES_SIZE, Mode, setup_mode
-from kvmkit.runner.bus import Bus
-from kvmkit.runner.context import RunContext
+from kvmkit.runner.bus import Bus, PortDevice
+from kvmkit.runner.context import DEFAULT_CONSOLE_LIMIT, Console, RunContext
 from kvmkit.runner.devices import DebugConsole, DebugExit, FwCfg, Hypercalls, Uart8250
 from kvmkit.runner.devices.debugcon import DEBUGCON_PORT
 from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
 from kvmkit.runner.devices.fwcfg import FW_CFG_PORT_SEL
 from kvmkit.runner.devices.hypercalls import HYPERCALL_BASE, HYPERCALL_COUNT
-from kvmkit.runner.devices.uart import COM1_PORT
+from kvmkit.runner.devices.uart import COM1_PORT, forward_input
 from kvmkit.runner.errors import RunnerError
+from kvmkit.runner.irq import IrqChipLines
 from kvmkit.runner.loop import Outcome, VcpuLoop
 from kvmkit.runner.stats import RunStats
 
@@ -48,6 +73,7 @@ MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
 
 #: Process exit statuses of ``kvmkit run`` for endings other than the guest's own code.
 STATUS_HALT = 0
+STATUS_EXIT_OVERFLOW = 255
 STATUS_TIMEOUT = 124
 STATUS_CRASH = 125
 STATUS_INTERRUPTED = 130
@@ -70,13 +96,29 @@ class RunConfig:
     modules: Sequence[Path] = ()
     load_addr: int | None = None
     echo: TextIO | None = field(default_factory=lambda: sys.stdout)
+    #: In-kernel PIC/IOAPIC/LAPICs and PIT (False: the bare machine, one vCPU).
+    irqchip: bool = True
+    #: Restart the guest on reset or triple fault instead of ending the run.
+    reboot: bool = False
+    #: Console bytes kept in the result (the echo stream gets every byte).
+    console_limit: int = DEFAULT_CONSOLE_LIMIT
+    #: A file descriptor (terminal or pipe) whose bytes go to the UART's receiver.
+    stdin_fd: int | None = None
+    #: Your own port devices, ``(base, count, make)`` with ``make(ctx) -> device``; they
+    #: are registered first, and a standard device whose ports they take is left out.
+    port_devices: Sequence[tuple[int, int, Callable[[RunContext], PortDevice]]] = ()
 
 
 @dataclass
 class RunResult:
-    """How a run ended, what the guest printed, and the statistics."""
+    """How a run ended, what the guest printed, and the statistics.
 
-    reason: str  # exit | halt | timeout | crash | interrupted | error
+    ``console`` is the last ``console_limit`` bytes (``console_dropped`` more came
+    before them); after ``reboots`` restarts (``reboot=True``) the console spans every
+    boot and ``stats`` is the last boot's.
+    """
+
+    reason: str  # exit | halt | reset | poweroff | timeout | crash | interrupted | error
     exit_code: int | None
     console: str
     stats: RunStats
@@ -86,14 +128,18 @@ class RunResult:
     mode: str = ""
     cpl: int = 0
     loop: str = ""
+    reboots: int = 0
+    console_dropped: int = 0
 
     @property
     def process_status(self) -> int:
-        """What ``kvmkit run`` exits with."""
+        """What ``kvmkit run`` exits with (see the module docstring for the mapping)."""
         if self.reason == "exit":
-            return int(self.exit_code or 0) & 0xFF
+            return exit_status(int(self.exit_code or 0))
         return {
             "halt": STATUS_HALT,
+            "reset": STATUS_HALT,
+            "poweroff": STATUS_HALT,
             "timeout": STATUS_TIMEOUT,
             "interrupted": STATUS_INTERRUPTED,
         }.get(self.reason, STATUS_CRASH)
@@ -107,6 +153,8 @@ class RunResult:
             "mode": self.mode,
             "cpl": self.cpl,
             "loop": self.loop,
+            "reboots": self.reboots,
+            "console_dropped_bytes": self.console_dropped,
         }
         out.update(self.stats.to_json())
         if self.detail:
@@ -114,6 +162,11 @@ class RunResult:
         if self.vcpu_states:
             out["vcpus"] = self.vcpu_states
         return out
+
+
+def exit_status(code: int) -> int:
+    """The process status for guest exit value ``code``: itself for 0-255, else 255."""
+    return code if 0 <= code <= 0xFF else STATUS_EXIT_OVERFLOW
 
 
 def _add_ram(vm: Vm, size: int) -> None:
@@ -124,14 +177,29 @@ def _add_ram(vm: Vm, size: int) -> None:
         vm.add_memory(HIGH_RAM_BASE, size - LOW_RAM_LIMIT)
 
 
-def build_bus(ctx: RunContext, *, mem_size: int, vcpus: int) -> Bus:
-    """The runner's standard devices on a fresh bus."""
+def build_bus(
+    ctx: RunContext,
+    *,
+    mem_size: int,
+    vcpus: int,
+    port_devices: Sequence[tuple[int, int, Callable[[RunContext], PortDevice]]] = (),
+) -> Bus:
+    """A fresh bus: ``port_devices`` first, then each of the runner's standard devices
+    whose ports are all still free (the bus is the one truth: a port a caller's device
+    took is that device's, also for the C fast path)."""
     bus = Bus()
-    bus.register_ports(DEBUGCON_PORT, 1, DebugConsole(ctx.console))
-    bus.register_ports(DEBUG_EXIT_PORT, 4, DebugExit())
-    bus.register_ports(COM1_PORT, 8, Uart8250(ctx.console))
-    bus.register_ports(FW_CFG_PORT_SEL, 2, FwCfg(ram_size=mem_size, cpus=vcpus))
-    bus.register_ports(HYPERCALL_BASE + 1, HYPERCALL_COUNT - 1, Hypercalls(ctx))
+    for base, count, make in port_devices:
+        bus.register_ports(base, count, make(ctx))
+    standard: list[tuple[int, int, Callable[[], PortDevice]]] = [
+        (DEBUGCON_PORT, 1, lambda: DebugConsole(ctx.console)),
+        (DEBUG_EXIT_PORT, 4, DebugExit),
+        (COM1_PORT, 8, lambda: Uart8250(ctx.console, irq=ctx.irq)),
+        (FW_CFG_PORT_SEL, 2, lambda: FwCfg(ram_size=mem_size, cpus=vcpus)),
+        (HYPERCALL_BASE + 1, HYPERCALL_COUNT - 1, lambda: Hypercalls(ctx)),
+    ]
+    for base, count, make_std in standard:
+        if all(p not in bus.ports for p in range(base, base + count)):
+            bus.register_ports(base, count, make_std())
     return bus
 
 
@@ -142,7 +210,7 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     and :class:`RunnerError` for an impossible configuration; how the guest itself ended
     (exit code, crash, timeout) is in the result, not an exception.
     """
-    from kvmkit.runner.loaders import Module, build_multiboot_info, load_image, place
+    from kvmkit.runner.loaders import load_image
 
     if not 1 <= config.vcpus <= 255:
         raise RunnerError(f"--vcpus {config.vcpus}: give 1 to 255")
@@ -167,52 +235,154 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     if mode is Mode.REAL and config.cpl != 0:
         raise RunnerError("real mode has no CPL 3")
 
+    if not config.irqchip and config.vcpus > 1:
+        raise RunnerError(
+            f"--no-irqchip with --vcpus {config.vcpus}: the bare machine has one vCPU "
+            "(without LAPICs the others cannot be started)"
+        )
+    if config.timeout is not None and not 0 < config.timeout < float("inf"):
+        raise RunnerError(f"timeout {config.timeout!r}: give a finite number of seconds > 0")
+
+    console = Console(config.echo, limit=config.console_limit)
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
     own_kvm = kvm is None
     kvm = kvm or Kvm()
+    reboots = 0
     try:
-        with kvm.create_vm() as vm:
-            _add_ram(vm, config.mem_size)
-            if config.vcpus > 1:
-                vm.create_irqchip()  # LAPICs: INIT/SIPI and IPIs between vCPUs
-            vm.set_tss_addr(TSS_ADDR)
-            place(image, vm)
-            ctx = RunContext(vm, echo=config.echo)
-            bus = build_bus(ctx, mem_size=config.mem_size, vcpus=config.vcpus)
-            cpuid = kvm.supported_cpuid()
-            vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
-            boot = vcpus[0]
-            setup_mode(boot, mode, entry=image.entry, stack=STACK_TOP, cpl=config.cpl)
-            if image.kind == "multiboot":
-                cmdline = f"{config.image.name} {config.append}".rstrip()
-                modules = [Module(Path(m), Path(m).name) for m in config.modules]
-                info = build_multiboot_info(
-                    vm,
-                    image,
-                    ram_size=config.mem_size,
-                    cmdline=cmdline,
-                    modules=modules,
-                    info_addr=MULTIBOOT_INFO_AT,
-                )
-                regs = boot.get_regs()
-                regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, info
-                boot.set_regs(regs)
-            elif config.modules or config.append:
-                raise RunnerError("--module and --append only apply to multiboot images")
-            for i, vcpu in enumerate(vcpus):
-                vcpu.set_cpuid2(with_apic_id(cpuid, i))
-            return _run_vcpus(config, ctx, bus, vcpus, image.kind, mode)
+        if config.vcpus > kvm.max_vcpus:
+            raise RunnerError(
+                f"--vcpus {config.vcpus}: this KVM runs at most {kvm.max_vcpus} vCPUs per VM"
+            )
+        while True:
+            result = _boot(config, kvm, image, mode, console, deadline)
+            if result.reason == "reset" and config.reboot:
+                reboots += 1
+                continue
+            result.reboots = reboots
+            result.console_dropped = console.dropped
+            return result
     finally:
         if own_kvm:
             kvm.close()
 
 
+def _boot(
+    config: RunConfig, kvm: Kvm, image: Any, mode: Mode, console: Console, deadline: float | None
+) -> RunResult:
+    """One boot: a fresh VM with ``image`` placed in it, run until it ends."""
+    from kvmkit.runner.loaders import Module, build_multiboot_info, place
+
+    with kvm.create_vm() as vm:
+        _add_ram(vm, config.mem_size)
+        if config.irqchip:  # before any vCPU, whatever their number
+            vm.create_irqchip()
+            vm.create_pit2()
+        vm.set_tss_addr(TSS_ADDR)
+        place(image, vm)
+        irq = IrqChipLines(vm) if config.irqchip else None
+        ctx = RunContext(vm, console=console, irq=irq)
+        bus = build_bus(
+            ctx, mem_size=config.mem_size, vcpus=config.vcpus, port_devices=config.port_devices
+        )
+        cpuid = kvm.supported_cpuid()
+        vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
+        boot = vcpus[0]
+        setup_mode(boot, mode, entry=image.entry, stack=STACK_TOP, cpl=config.cpl)
+        if image.kind == "multiboot":
+            cmdline = f"{config.image.name} {config.append}".rstrip()
+            modules = [Module(Path(m), Path(m).name) for m in config.modules]
+            info = build_multiboot_info(
+                vm,
+                image,
+                ram_size=config.mem_size,
+                cmdline=cmdline,
+                modules=modules,
+                info_addr=MULTIBOOT_INFO_AT,
+            )
+            regs = boot.get_regs()
+            regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, info
+            boot.set_regs(regs)
+        elif config.modules or config.append:
+            raise RunnerError("--module and --append only apply to multiboot images")
+        for i, vcpu in enumerate(vcpus):
+            vcpu.set_cpuid2(with_apic_id(cpuid, i))
+        feeding = threading.Event()
+        feeder = None
+        uart = bus.ports.get(COM1_PORT)
+        if config.stdin_fd is not None and isinstance(uart, Uart8250):
+            feeder = forward_input(uart, config.stdin_fd, feeding)
+        try:
+            return _run_vcpus(config, ctx, bus, vcpus, image.kind, mode, deadline)
+        finally:
+            feeding.set()
+            if feeder is not None:
+                feeder.join()
+
+
+#: Idle probes: the first after this many seconds, then twice as long each time, to at
+#: most PROBE_MAX; a vCPU that does not answer within PROBE_ANSWER counts as running.
+PROBE_FIRST = 0.02
+PROBE_MAX = 0.5
+PROBE_ANSWER = 1.0
+_ASLEEP = ("halted-if0", "waiting-sipi")
+
+
+def _asleep_forever(loops: list[VcpuLoop], finished: threading.Event) -> bool:
+    """Ask every vCPU for its idle state; True when each is halted with interrupts off
+    (or is an AP never started) and at least one is halted: no vCPU can wake another."""
+    for lp in loops:
+        lp.probe_done.clear()
+        lp.request_probe()
+    for lp in loops:
+        if finished.is_set() or not lp.probe_done.wait(PROBE_ANSWER):
+            return False
+    states = [lp.probe_state for lp in loops]
+    return all(st in _ASLEEP for st in states) and "halted-if0" in states
+
+
+def _wait_for_end(
+    loops: list[VcpuLoop], finished: threading.Event, deadline: float | None, watch: bool
+) -> str | None:
+    """Wait until a vCPU ends the run (None), the deadline passes (``timeout``) or, with
+    ``watch``, every vCPU sleeps forever (``halt``, after two probes in a row)."""
+    interval, asleep = PROBE_FIRST, 0
+    while True:
+        wait = interval if watch else None
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            wait = left if wait is None else min(wait, left)
+        if finished.wait(wait):
+            return None
+        if watch:
+            asleep = asleep + 1 if _asleep_forever(loops, finished) else 0
+            if asleep >= 2 and not finished.is_set():
+                return "halt"
+            interval = min(interval * 2, PROBE_MAX)
+
+
 def _run_vcpus(
-    config: RunConfig, ctx: RunContext, bus: Bus, vcpus: list[Any], kind: str, mode: Mode
+    config: RunConfig,
+    ctx: RunContext,
+    bus: Bus,
+    vcpus: list[Any],
+    kind: str,
+    mode: Mode,
+    deadline: float | None = None,
 ) -> RunResult:
     stopping = threading.Event()
     loops = [VcpuLoop(v, bus, ctx, stopping, strict=config.strict) for v in vcpus]
     outcomes: list[Outcome | None] = [None] * len(vcpus)
     finished = threading.Event()
+
+    def stop_all() -> None:
+        stopping.set()
+        finished.set()
+        for v in vcpus:
+            v.kick()
+
+    ctx.stop_hook = stop_all
 
     def body(i: int) -> None:
         ctx.bind_vcpu_thread(i)
@@ -222,11 +392,7 @@ def _run_vcpus(
         except BaseException as exc:  # never let a vCPU thread die silently
             outcomes[i] = Outcome("error", error=KvmkitError(f"vCPU {i} thread failed: {exc!r}"))
         if outcomes[i] is not None and outcomes[i].kind != "stopped":  # type: ignore[union-attr]
-            stopping.set()
-            finished.set()
-            for other in vcpus:
-                if other is not vcpus[i]:
-                    other.kick()
+            stop_all()
 
     start = time.monotonic()
     threads = [
@@ -237,16 +403,11 @@ def _run_vcpus(
         t.start()
     reason_override: str | None = None
     try:
-        finished.wait(config.timeout)
-        if not finished.is_set():
-            reason_override = "timeout"
+        reason_override = _wait_for_end(loops, finished, deadline, watch=config.irqchip)
     except KeyboardInterrupt:
         reason_override = "interrupted"
     if reason_override:
-        stopping.set()
-    for v in vcpus:
-        if reason_override:
-            v.kick()
+        stop_all()
     for t in threads:
         while t.is_alive():
             t.join(timeout=0.5)
@@ -254,7 +415,7 @@ def _run_vcpus(
                 for v in vcpus:
                     v.kick()
     wall = time.monotonic() - start
-    stats = RunStats.merge([lp.stats for lp in loops], ctx.marks, wall)
+    stats = RunStats.merge([lp.stats for lp in loops], ctx.marks, wall, ctx.marks_dropped)
     result = RunResult(
         reason="",
         exit_code=None,
@@ -266,10 +427,20 @@ def _run_vcpus(
         loop="python" if config.python_loop else "c",
     )
     ended = [o for o in outcomes if o is not None and o.kind != "stopped"]
-    if reason_override:
+    if reason_override == "halt":
+        result.reason = "halt"
+        result.detail = (
+            "every vCPU is halted with interrupts off (or was never started): nothing can wake them"
+        )
+        result.vcpu_states = [lp.where() for lp in loops]
+    elif reason_override:
         result.reason = reason_override
         result.detail = f"{reason_override} after {wall:.2f} s"
         result.vcpu_states = [lp.where() for lp in loops]
+    elif ctx.stop_request is not None:
+        result.reason, result.detail = ctx.stop_request
+        if result.reason == "reset" and not config.reboot:
+            result.detail += " (run with --reboot to restart the guest instead)"
     elif ended:
         first = ended[0]
         if first.kind == "error" and first.error is not None:
@@ -277,6 +448,8 @@ def _run_vcpus(
         result.reason, result.exit_code, result.detail = first.kind, first.code, first.detail
         if first.state:
             result.vcpu_states = [first.state]
+        if first.triple_fault and config.reboot:
+            result.reason = "reset"  # --reboot: a triple fault resets, as on a PC
     else:
         result.reason, result.detail = "error", "every vCPU stopped without a reason"
     return result

@@ -62,13 +62,20 @@ STRUCT_FIELDS = {
     "struct kvm_vcpu_events": ["exception", "interrupt", "nmi", "sipi_vector", "flags", "smi"],
     "struct kvm_clock_data": ["clock", "flags"],
     "struct kvm_mp_state": ["mp_state"],
+    "struct kvm_irqfd": ["fd", "gsi", "flags", "resamplefd"],
+    "struct kvm_ioeventfd": ["datamatch", "addr", "len", "fd", "flags"],
+    "struct kvm_msi": ["address_lo", "address_hi", "data", "flags", "devid"],
+    "struct kvm_irq_routing_irqchip": ["irqchip", "pin"],
+    "struct kvm_irq_routing_msi": ["address_lo", "address_hi", "data"],
+    "struct kvm_irq_routing_entry": ["gsi", "type", "flags", "u"],
+    "struct kvm_irq_routing": ["nr", "flags", "entries"],
     "kvmkit_run_io": ["direction", "size", "port", "count", "data_offset"],
     "kvmkit_run_mmio": ["phys_addr", "data", "len", "is_write"],
 }
 
 
 def test_every_ioctl_number_matches_the_header() -> None:
-    assert len(ioctls.ALL) >= 34
+    assert len(ioctls.ALL) >= 38
     for name, value in ioctls.ALL.items():
         assert value == getattr(lib, name), (
             f"{name}: kvmkit {value:#x} != header {getattr(lib, name):#x}"
@@ -112,3 +119,16 @@ def test_struct_sizes_and_offsets_match_gcc(tmp_path: Path) -> None:
     assert ffi.sizeof("struct kvm_regs") == 144
     assert ffi.sizeof("struct kvm_sregs") == 312
     assert ffi.sizeof("struct kvm_userspace_memory_region") == 32
+    # the sizes the kernel ABI fixes for the irqfd/ioeventfd/MSI/routing structures
+    assert ffi.sizeof("struct kvm_irqfd") == 32
+    assert ffi.sizeof("struct kvm_ioeventfd") == 64
+    assert ffi.sizeof("struct kvm_msi") == 32
+    assert ffi.sizeof("struct kvm_irq_routing_entry") == 48
+
+
+def test_exit_kinds_agree_between_the_c_fast_path_and_python() -> None:
+    from kvmkit.runner.stats import KINDS
+
+    assert lib.KVMKIT_NR_KINDS == len(KINDS)
+    for i, name in enumerate(KINDS):
+        assert getattr(lib, f"KVMKIT_KIND_{name.upper()}") == i, name

@@ -3,15 +3,21 @@ each device's register behaviour (hypercalls against real guest memory)."""
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from kvmkit.kvm import Kvm
 from kvmkit.runner.bus import Bus
-from kvmkit.runner.context import Console, GuestExit, RunContext
+from kvmkit.runner.context import MAX_MARKS, Console, GuestExit, RunContext
 from kvmkit.runner.devices import DebugConsole, DebugExit, FwCfg, Hypercalls, Uart8250
-from kvmkit.runner.errors import BusError
+from kvmkit.runner.devices.uart import RX_FIFO
+from kvmkit.runner.errors import BusError, GuestCrashError
+from kvmkit.runner.machine import RunResult
+from kvmkit.runner.stats import MAX_KEYS, OTHER_MMIO, RunStats, VcpuStats
 
 
 class Sink:
@@ -119,3 +125,166 @@ def test_hypercalls_read_their_arguments_from_guest_memory(require_kvm: None) ->
         with pytest.raises(GuestExit) as info:
             hc.io_out(0x503, 4, (0x1300).to_bytes(4, "little"))  # exit
         assert info.value.code == 17
+
+
+class Lines:
+    """An InterruptLines that records the level of each GSI."""
+
+    def __init__(self) -> None:
+        self.level: dict[int, bool] = {}
+        self.changes = 0
+
+    def set_level(self, gsi: int, level: bool) -> None:
+        self.level[gsi] = level
+        self.changes += 1
+
+    def pulse(self, gsi: int) -> None:
+        raise AssertionError("the UART's line is level-driven")
+
+
+def test_uart_thr_empty_interrupt_follows_ier_and_iir_reads() -> None:
+    lines, console = Lines(), Console(None)
+    uart = Uart8250(console, irq=lines)
+    assert uart.io_in(0x3FA, 1) == 0x01 and not lines.level  # nothing pending, line untouched
+    uart.io_out(0x3F9, 1, b"\x02")  # IER: THR empty
+    assert lines.level[4] is True
+    assert uart.io_in(0x3FA, 1) == 0x02  # IIR: THR empty ...
+    assert lines.level[4] is False  # ... and reading it cleared the cause
+    assert uart.io_in(0x3FA, 1) == 0x01
+    uart.io_out(0x3F8, 1, b"x")  # a byte goes out at once: THR empty again
+    assert lines.level[4] is True and console.text() == "x"
+    uart.io_out(0x3F9, 1, b"\x00")
+    assert lines.level[4] is False
+
+
+def test_uart_receive_fifo_data_ready_interrupt_and_limit() -> None:
+    lines = Lines()
+    uart = Uart8250(Console(None), irq=lines)
+    uart.io_out(0x3FA, 1, b"\x01")  # FCR: FIFO on
+    uart.io_out(0x3F9, 1, b"\x01")  # IER: received data
+    assert 4 not in lines.level or lines.level[4] is False
+    assert uart.receive(b"ab") == 2
+    assert lines.level[4] is True
+    assert uart.io_in(0x3FA, 1) == 0xC4  # FIFOs on + received data
+    assert uart.io_in(0x3FD, 1) & 0x01  # LSR: data ready
+    assert (uart.io_in(0x3F8, 1), uart.io_in(0x3F8, 1)) == (ord("a"), ord("b"))
+    assert lines.level[4] is False and not uart.io_in(0x3FD, 1) & 0x01
+    assert uart.receive(bytes(100), timeout=0.05) == RX_FIFO  # bounded: the rest waits
+    uart.io_out(0x3FA, 1, b"\x03")  # FCR: clear the receive FIFO
+    assert not uart.io_in(0x3FD, 1) & 0x01
+
+
+def test_uart_loopback_overrun_is_reported_in_lsr() -> None:
+    uart = Uart8250(Console(None))
+    uart.io_out(0x3FC, 1, b"\x10")  # MCR: loopback
+    for _ in range(RX_FIFO + 1):
+        uart.io_out(0x3F8, 1, b"L")
+    lsr = uart.io_in(0x3FD, 1)
+    assert lsr & 0x03 == 0x03  # data ready + overrun
+    assert not uart.io_in(0x3FD, 1) & 0x02  # overrun clears when read
+
+
+def test_uart_save_and_load_round_trip() -> None:
+    a_lines, b_lines = Lines(), Lines()
+    a = Uart8250(Console(None), irq=a_lines)
+    a.io_out(0x3FB, 1, b"\x83")
+    a.io_out(0x3F8, 1, b"\x0c")
+    a.io_out(0x3FB, 1, b"\x03")
+    a.io_out(0x3F9, 1, b"\x01")
+    a.io_out(0x3FF, 1, b"\x42")
+    a.receive(b"xyz")
+    state = a.save()
+    json.dumps(state)  # plain JSON
+    b = Uart8250(Console(None), irq=b_lines)
+    b.load(state)
+    assert b.save() == state
+    assert b_lines.level[4] is True  # the pending interrupt comes back with the state
+    assert bytes(b.io_in(0x3F8, 1) for _ in range(3)) == b"xyz"
+
+
+def test_puts_outside_guest_ram_is_a_guest_crash_and_long_puts_stream(require_kvm: None) -> None:
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.add_memory(0, 0x400000)
+        ctx = RunContext(vm, console=Console(None, limit=16))
+        hc = Hypercalls(ctx)
+        vm.write(0x1000, struct.pack("<QQ", 0x3FF000, 0x2000))  # runs off the end of RAM
+        with pytest.raises(GuestCrashError, match=r"8192 bytes at 0x3ff000"):
+            hc.io_out(0x502, 4, (0x1000).to_bytes(4, "little"))
+        vm.write(0x1000, struct.pack("<QQ", 0x100000, 1 << 64 - 1))  # absurd length
+        with pytest.raises(GuestCrashError, match="not all in guest RAM"):
+            hc.io_out(0x502, 4, (0x1000).to_bytes(4, "little"))
+        with pytest.raises(GuestCrashError, match="time hypercall"):
+            hc.io_out(0x501, 4, (0x7FFFFFF0).to_bytes(4, "little"))
+        vm.write(0x200000, b"y" * 0x200000)
+        vm.write(0x1000, struct.pack("<QQ", 0x200000, 0x200000))  # 2 MiB, all in RAM
+        hc.io_out(0x502, 4, (0x1000).to_bytes(4, "little"))
+        assert ctx.console.total == 0x200000 and ctx.console.text() == "y" * 16
+
+
+def test_per_address_counters_and_marks_are_bounded(require_kvm: None) -> None:
+    stats = VcpuStats()
+    for addr in range(MAX_KEYS + 500):
+        stats.mmio[0xD0000000 + addr] += 1
+        stats.unclaimed["mmio", addr] += 1
+    assert len(stats.mmio) == MAX_KEYS + 1 and stats.mmio[OTHER_MMIO] == 500
+    assert len(stats.unclaimed) == MAX_KEYS + 1
+    merged = RunStats.merge([stats, stats], [], 0.0)
+    assert len(merged.mmio) == MAX_KEYS + 1 and merged.mmio[OTHER_MMIO] == 1000
+    assert merged.to_json()["exits_by_mmio_address"]["other"] == 1000
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        ctx = RunContext(vm, echo=None)
+        for i in range(MAX_MARKS + 10):
+            ctx.add_mark("m", i, 0)
+        assert len(ctx.marks) == MAX_MARKS and ctx.marks_dropped == 10
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.seen: list[tuple[int, bytes]] = []
+        RECORDERS.append(self)
+
+    def io_out(self, port: int, size: int, data: bytes) -> None:
+        self.seen.append((port, bytes(data)))
+
+    def io_in(self, port: int, size: int) -> int:
+        return 0
+
+
+RECORDERS: list[Recorder] = []
+
+
+@pytest.mark.parametrize("python_loop", [False, True])
+def test_the_bus_decides_who_answers_a_port_also_for_the_c_fast_path(
+    tmp_path: Path, run_image: Callable[..., RunResult], python_loop: bool
+) -> None:
+    # mov al,'x'; out 0xe9,al; mov eax,5; out 0xf4,eax; spin (the exit port is the user's,
+    # so the run goes on until the timeout)
+    code = bytes([0xB0, 0x78, 0xE6, 0xE9, 0xB8, 5, 0, 0, 0, 0xE7, 0xF4, 0xEB, 0xFE])
+    image = tmp_path / "g.bin"
+    image.write_bytes(code)
+    RECORDERS.clear()
+    r = run_image(
+        image,
+        load_addr=0x100000,
+        python_loop=python_loop,
+        port_devices=[(0xE9, 1, Recorder), (0xF4, 1, Recorder)],
+        timeout=1.0,
+    )
+    # the user's devices got both writes; the standard console and exit never did
+    assert [seen for rec in RECORDERS for seen in rec.seen] == [
+        (0xE9, b"x"),
+        (0xF4, (5).to_bytes(4, "little")),
+    ]
+    assert r.console == "" and r.reason == "timeout"
+
+
+def test_console_keeps_the_last_bytes_in_bounded_memory() -> None:
+    console = Console(None, limit=1000)
+    for i in range(200_000):
+        console.write(b"%c" % (0x41 + i % 26))
+        assert len(console._buf) <= 2 * 1000 + (64 << 10) + 1  # never more than this
+    assert console.total == 200_000 and console.dropped == 199_000
+    tail = console.text()
+    assert len(tail) == 1000 and tail.endswith("ABCDEFGHIJKLMNOPQR"[: (200_000 - 1) % 26 + 1])

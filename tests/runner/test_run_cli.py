@@ -15,8 +15,18 @@ from kvmkit.guests import IO_STORM_PORT
 
 def kvmkit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kvmkit", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "kvmkit", *args],
+        stdin=subprocess.DEVNULL,  # not a terminal or pipe: nothing is forwarded to COM1
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def flat(tmp_path: Path, code: bytes) -> str:
+    path = tmp_path / "guest.bin"
+    path.write_bytes(code)
+    return str(path)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +48,8 @@ def test_json_output_has_the_documented_keys() -> None:
         "marks",
     } <= set(out)
     assert out["exit_code"] == 0 and out["console"] == "Hello from kvmkit guest\n"
-    assert out["exits"]["io_out"] == out["kvm_run_calls"]
+    # every KVM_RUN ended in the guest's port writes, or in an idle-probe kick
+    assert out["exits"]["io_out"] + out["exits"].get("interrupted", 0) == out["kvm_run_calls"]
     assert [m["label"] for m in out["marks"]][0] == "entry"
 
 
@@ -135,3 +146,66 @@ def test_bad_option_combinations_are_clear_errors() -> None:
     assert proc.returncode != 0 and "multiboot images start at CPL 0" in proc.stderr
     proc = kvmkit("run", "hello", "--mode", "long")
     assert proc.returncode != 0 and "starts in protected mode" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "status"), [(0, 0), (1, 1), (255, 255), (256, 255), (0xFFFFFFFF, 255)]
+)
+def test_exit_value_is_32_bit_and_never_becomes_status_0(
+    tmp_path: Path, value: int, status: int
+) -> None:
+    # mov eax, value; out 0xf4, eax
+    image = flat(tmp_path, bytes([0xB8]) + value.to_bytes(4, "little") + bytes([0xE7, 0xF4]))
+    proc = kvmkit("run", image, "--load-addr", "0x100000", "--json")
+    assert proc.returncode == status, proc.stderr
+    assert json.loads(proc.stdout)["exit_code"] == value
+
+
+def test_console_limit_keeps_the_last_bytes_and_streams_all(tmp_path: Path) -> None:
+    # for ecx = 3000: out 0xe9, 'a'..; then 'Z'; exit 0
+    code = (
+        bytes([0xB9]) + (3000).to_bytes(4, "little")  # mov ecx, 3000
+        + bytes([0xB0, 0x61, 0xE6, 0xE9, 0xE2, 0xFA])  # 1: mov al,'a'; out 0xe9,al; loop 1b
+        + bytes([0xB0, 0x5A, 0xE6, 0xE9, 0x31, 0xC0, 0xE7, 0xF4])  # 'Z'; xor eax,eax; out
+    )  # fmt: skip
+    proc = kvmkit("run", flat(tmp_path, code), "--load-addr", "0x100000", "--json",
+                  "--console-limit", "1K")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["console"] == "a" * 1023 + "Z" and out["console_dropped_bytes"] == 3001 - 1024
+    assert proc.stderr.count("a") == 3000  # the echo (stderr with --json) got every byte
+    bad = kvmkit("run", "hello", "--console-limit", "lots")
+    assert bad.returncode == 2 and "--console-limit" in bad.stderr
+
+
+def test_a_closed_stdout_does_not_fail_the_run() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "kvmkit", "run", "hello"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before the guest prints
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0, err
+    assert "BrokenPipe" not in err and "thread failed" not in err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(timeout: str) -> None:
+    proc = kvmkit("run", "hello", "--timeout", timeout)
+    assert proc.returncode != 0 and "timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_emulation_failure_names_the_suberror_the_bytes_and_the_mode(tmp_path: Path) -> None:
+    # CPL 0 long mode: a VMX instruction (vmcall would be a hypercall); 0f 01 c4 = vmfunc,
+    # which KVM's emulator does not emulate for the guest.  If this backend handles it
+    # some other way the test says how.
+    code = bytes([0x0F, 0x01, 0xC4, 0x31, 0xC0, 0xE7, 0xF4])
+    proc = kvmkit("run", flat(tmp_path, code), "--load-addr", "0x100000", "--timeout", "30")
+    if "KVM internal error" not in proc.stderr:
+        pytest.skip(f"this KVM does not stop on vmfunc: status {proc.returncode}, {proc.stderr!r}")
+    assert proc.returncode == 125
+    assert "EMULATION" in proc.stderr and "long mode, CPL 0" in proc.stderr
+    assert "bytes 0f 01 c4" in proc.stderr
