@@ -230,8 +230,8 @@ def _map_hugetlb(size: int) -> mmap.mmap:
         raise MemoryLayoutError(
             f"explicit huge pages: the guest needs {size // page} free {page >> 20} MiB "
             f"pages, the host has {free // page} (HugePages_Free in /proc/meminfo)",
-            hint=f"reserve them: echo {size // page} > /proc/sys/vm/nr_hugepages, or drop "
-            "--hugepages (transparent huge pages are the default)",
+            hint=f"reserve them with echo {size // page} > /proc/sys/vm/nr_hugepages, or drop "
+            "--hugepages: transparent huge pages are the default",
         )
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_HUGETLB  # reserved now, not at fault
     try:

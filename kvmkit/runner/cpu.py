@@ -218,4 +218,4 @@ def _available(bit: FeatureBit, supported: list[CpuidEntry], *, irqchip: bool,
 def _why_not(bit: FeatureBit, irqchip: bool) -> str:
     if bit in (_X2APIC, _APIC, _TSC_DEADLINE) and not irqchip:
         return "it needs the in-kernel LAPIC: run without --no-irqchip"
-    return "KVM_GET_SUPPORTED_CPUID lacks it (kvmkit info shows the CPU KVM offers); drop it"
+    return "KVM_GET_SUPPORTED_CPUID lacks it; drop it"

@@ -300,7 +300,7 @@ def test_missing_empty_and_directory(tmp_path: Path) -> None:
     assert "cannot read" in image_error(tmp_path / "nope.elf")
     assert image_error(write(tmp_path, "empty", b"")) == "file is empty"
     (tmp_path / "dir").mkdir()
-    assert "is a directory" in image_error(tmp_path / "dir")
+    assert image_error(tmp_path / "dir").startswith("is a directory, not a regular file")
 
 
 def test_bad_magic_without_load_address(tmp_path: Path) -> None:
@@ -394,10 +394,15 @@ def test_no_loadable_segments(tmp_path: Path) -> None:
     assert "no loadable segments" in image_error(write(tmp_path, "none.elf", elf))
 
 
-def test_real_mode_flat_image_must_sit_below_64k(tmp_path: Path) -> None:
+def test_real_mode_flat_image_must_sit_below_1m_and_16_aligned_above_64k(
+    tmp_path: Path,
+) -> None:
     path = write(tmp_path, "real.bin", b"\xf4" * 0x100)
-    fault = image_error(path, load_addr=0xFFC0, flat_mode=Mode.REAL)
-    assert "real-mode flat image must lie below 0x10000" in fault
+    assert load_image(path, ram_size=RAM, load_addr=0xFFC0, flat_mode=Mode.REAL).entry == 0xFFC0
+    assert load_image(path, ram_size=RAM, load_addr=0x70000, flat_mode=Mode.REAL).entry == 0x70000
+    fault = image_error(path, load_addr=0xFFFC0, flat_mode=Mode.REAL)
+    assert "real-mode flat image must lie below 0x100000 (1 MiB)" in fault
+    assert "must be a multiple of 16" in image_error(path, load_addr=0x10008, flat_mode=Mode.REAL)
 
 
 def test_multiboot_bad_checksum(tmp_path: Path) -> None:
@@ -508,9 +513,16 @@ def multiboot_image(tmp_path: Path) -> LoadedImage:
     return load_image(write(tmp_path, "kernel.bin", data), ram_size=RAM)
 
 
-def test_multiboot_info_block(tmp_path: Path, vm: Vm) -> None:
+def mmap_entries(vm: Vm, info: dict[str, int]) -> list[tuple[int, int, int]]:
+    raw = vm.read(info["mmap_addr"], info["mmap_length"])
+    entries = [struct.unpack_from("<IQQI", raw, off) for off in range(0, len(raw), 24)]
+    assert all(size == 20 for size, *_ in entries)
+    return [(base, length, kind) for _size, base, length, kind in entries]
+
+
+def test_multiboot_info_block_where_qemu_puts_it(tmp_path: Path, vm: Vm) -> None:
     vm.add_memory(0, RAM)
-    image = multiboot_image(tmp_path)
+    image = multiboot_image(tmp_path)  # loaded at 0x100000, 0x2345 bytes of BSS
     mod_a = write(tmp_path, "a.mod", b"module A contents")
     mod_b = write(tmp_path, "b.mod", b"B" * 5000)
     ebx = build_multiboot_info(
@@ -520,50 +532,94 @@ def test_multiboot_info_block(tmp_path: Path, vm: Vm) -> None:
         cmdline="kernel.bin console=ttyS0 quiet",
         modules=[Module(mod_a, "a.mod arg=1"), Module(mod_b, "b.mod")],
     )
-    assert ebx == 0x9000 and MULTIBOOT_BOOTLOADER_MAGIC == 0x2BADB002
+    assert ebx == 0x9500 and MULTIBOOT_BOOTLOADER_MAGIC == 0x2BADB002
     info = read_info(vm, ebx)
-    assert info["flags"] == 1 | 4 | 8 | 0x40 | 0x200
-    assert (info["mem_lower"], info["mem_upper"]) == (640, (RAM - MiB) // 1024)
+    assert info["flags"] == 1 | 2 | 4 | 8 | 0x40 | 0x200
+    assert info["boot_device"] == 0x8000FFFF
+    # QEMU 7.2 + SeaBIOS: 639 KiB low, upper memory up to 128 KiB below the top of RAM
+    assert (info["mem_lower"], info["mem_upper"]) == (639, (RAM - 0x20000 - MiB) // 1024)
+    assert info["mmap_addr"] == 0x9000
     assert c_string(vm, info["cmdline"]) == "kernel.bin console=ttyS0 quiet"
     assert c_string(vm, info["boot_loader_name"]) == "kvmkit"
-    # memory map: size field 20, then base, length, type
-    assert info["mmap_length"] == 4 * 24
-    raw = vm.read(info["mmap_addr"], info["mmap_length"])
-    entries = [struct.unpack_from("<IQQI", raw, off) for off in range(0, len(raw), 24)]
-    assert entries == [
-        (20, 0, 0x9FC00, 1),
-        (20, 0x9FC00, 0x400, 2),
-        (20, 0xF0000, 0x10000, 2),
-        (20, MiB, RAM - MiB, 1),
-    ]
-    # modules: page-aligned after the image (its end includes the BSS)
-    assert info["mods_count"] == 2
-    mods = [struct.unpack_from("<4I", vm.read(info["mods_addr"], 32), i * 16) for i in range(2)]
-    first = (image.end + 0xFFF) & ~0xFFF
+    # module table and strings right after the image (load_addr + page-aligned size),
+    # module strings first, then the command line, then the loader name (QEMU's order)
+    after = 0x100000 + ((image.end - 0x100000 + 0xFFF) & ~0xFFF)
+    assert info["mods_addr"] == after and info["mods_count"] == 2
+    mods = [struct.unpack_from("<4I", vm.read(after, 32), i * 16) for i in range(2)]
+    assert mods[0][2] == after + 32
+    assert c_string(vm, mods[0][2]) == "a.mod arg=1"
+    assert info["cmdline"] == after + 32 + len("a.mod arg=1\0b.mod\0")
+    first = after + 0x1000
     assert mods[0][:2] == (first, first + 17)
     assert mods[1][:2] == (first + 0x1000, first + 0x1000 + 5000)
     assert vm.read(mods[0][0], 17) == b"module A contents"
     assert vm.read(mods[1][0], 5000) == b"B" * 5000
-    assert [c_string(vm, m[2]) for m in mods] == ["a.mod arg=1", "b.mod"]
-    # everything of the block lies in [0x9000, 0x10000)
-    for addr in (info["cmdline"], info["mmap_addr"], info["mods_addr"], mods[1][2]):
-        assert 0x9000 <= addr < 0x10000
+    assert c_string(vm, mods[1][2]) == "b.mod"
 
 
-def test_mem_upper_stops_at_the_pci_hole_and_modules_addr(tmp_path: Path, vm: Vm) -> None:
-    # Only low memory is mapped: the block and the module need nothing else.
-    vm.add_memory(0, 2 * MiB)
-    image = multiboot_image(tmp_path)
-    mod = write(tmp_path, "m", b"xyz")
-    ram = 8 << 30
-    addr = build_multiboot_info(
-        vm, image, ram_size=ram, cmdline="k", modules=[Module(mod, "m")], modules_addr=0x180001
+#: The e820 maps QEMU 7.2 (-M pc, SeaBIOS) gave a multiboot kernel on this host, read
+#: back by a kernel that dumps its multiboot information (-accel tcg; under KVM QEMU adds
+#: the identity-map/TSS entry at 0xfeffc000, which kvmkit reports too).
+_QEMU_MAPS = {
+    1 << 30: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0x3FEE0000, 1), (0x3FFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+    ],
+    3584 << 20: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0xBFEE0000, 1), (0xBFFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+        (0x100000000, 0x20000000, 1),
+    ],
+    6 << 30: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0xBFEE0000, 1), (0xBFFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+        (0x100000000, 0xC0000000, 1),
+    ],
+    3328 << 20: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0xCFEE0000, 1), (0xCFFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+    ],
+}  # fmt: skip
+_QEMU_MEM_UPPER = {1 << 30: 1047424, 3584 << 20: 3144576, 6 << 30: 3144576, 3328 << 20: 3406720}
+_KVM_ENTRY = (0xFEFFC000, 0x4000, 2)
+_AMD_HT = (0xFD00000000, 0x300000000, 2)
+
+
+@pytest.mark.parametrize("ram", sorted(_QEMU_MAPS), ids=lambda r: f"{r >> 20}M")
+@pytest.mark.parametrize("amd", [False, True], ids=["intel", "amd"])
+def test_memory_map_and_mem_upper_are_qemus(tmp_path: Path, vm: Vm, ram: int, amd: bool) -> None:
+    from kvmkit.runner.loaders.layout import e820_map
+
+    vm.add_memory(0, 2 * MiB)  # the block and the strings need nothing else
+    ebx = build_multiboot_info(
+        vm,
+        multiboot_image(tmp_path),
+        ram_size=ram,
+        cmdline="k",
+        e820=e820_map(ram, amd_ht_hole=amd),
     )
-    info = read_info(vm, addr)
-    assert info["mem_upper"] == (0xC0000000 - MiB) // 1024
-    last = struct.unpack_from("<IQQI", vm.read(info["mmap_addr"] + 72, 24))
-    assert last == (20, MiB, ram - MiB, 1)
-    assert struct.unpack("<2I", vm.read(info["mods_addr"], 8)) == (0x181000, 0x181003)
+    info = read_info(vm, ebx)
+    assert (info["mem_lower"], info["mem_upper"]) == (639, _QEMU_MEM_UPPER[ram])
+    expected = sorted(_QEMU_MAPS[ram] + [_KVM_ENTRY] + ([_AMD_HT] if amd else []))
+    assert mmap_entries(vm, info) == expected
+
+
+@pytest.mark.parametrize(
+    ("ram", "below", "above"),
+    [
+        (64 * MiB, 64 * MiB, 0),
+        (1 << 30, 1 << 30, 0),
+        (3328 * MiB, 3328 * MiB, 0),  # below 3.5 GiB: all of it at 0
+        (3584 * MiB, 3 << 30, 512 * MiB),  # from 3.5 GiB: 3 GiB at 0, the rest at 4 GiB
+        (6 << 30, 3 << 30, 3 << 30),
+    ],
+)
+def test_ram_split_is_the_pc_machines(ram: int, below: int, above: int) -> None:
+    from kvmkit.runner.loaders.layout import HIGH_RAM_BASE, pc_ram_layout
+
+    layout = pc_ram_layout(ram)
+    assert (layout.below_4g, layout.above_4g) == (below, above)
+    assert layout.regions == [(0, below)] + ([(HIGH_RAM_BASE, above)] if above else [])
 
 
 def test_module_beyond_ram_names_the_module_and_writes_nothing(tmp_path: Path, vm: Vm) -> None:
@@ -578,11 +634,11 @@ def test_module_beyond_ram_names_the_module_and_writes_nothing(tmp_path: Path, v
         )  # fmt: skip
     assert info.value.path == huge
     assert str(info.value) == (
-        f"{huge}: module (0x100000 bytes) at 0x104000-0x203fff does not fit in guest RAM "
-        "(0x200000 bytes); give the guest more memory"
+        f"{huge}: module (0x100000 bytes) at 0x105000-0x204fff does not fit in the guest's "
+        "0x200000 bytes of RAM below 4 GiB; give the guest more memory"
     )
-    assert vm.read(0x9000, 0x100) == bytes(0x100)
-    assert vm.read(0x103000, 1) == b"\0"  # where the small module would have gone
+    assert vm.read(0x9000, 0x600) == bytes(0x600)
+    assert vm.read(0x103000, 0x2000) == bytes(0x2000)
 
 
 def test_unreadable_module_names_the_module(tmp_path: Path, vm: Vm) -> None:
@@ -592,20 +648,34 @@ def test_unreadable_module_names_the_module(tmp_path: Path, vm: Vm) -> None:
             vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="k",
             modules=[Module(tmp_path / "missing.mod", "m")],
         )  # fmt: skip
+    with pytest.raises(ImageError, match=r"is a character device, not a regular file"):
+        build_multiboot_info(
+            vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="k",
+            modules=[Module(Path("/dev/zero"), "zero")],
+        )  # fmt: skip
 
 
-def test_info_block_must_fit_below_64k(tmp_path: Path, vm: Vm) -> None:
+def test_a_long_command_line_goes_after_the_image(tmp_path: Path, vm: Vm) -> None:
     vm.add_memory(0, 2 * MiB)
-    with pytest.raises(ImageError, match="only 0x7000 fit below 0x10000"):
-        build_multiboot_info(vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="x" * 30000)
+    ebx = build_multiboot_info(vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="x" * 30000)
+    assert vm.read(read_info(vm, ebx)["cmdline"], 30001) == b"x" * 30000 + b"\0"
+    with pytest.raises(ImageError, match="does not fit in the guest's 0x200000 bytes"):
+        build_multiboot_info(
+            vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="x" * 0x100000
+        )
 
 
-def test_info_block_must_not_overlap_the_image(tmp_path: Path, vm: Vm) -> None:
+def test_a_kernel_over_0x9000_gets_the_block_after_itself(tmp_path: Path, vm: Vm) -> None:
     vm.add_memory(0, 2 * MiB)
-    data, _ = kludge_image(load=0x8000, bss=0x2000)
+    data, _ = kludge_image(load=0x8000, bss=0x2000)  # 0x8000-0xa04f: covers 0x9000-0x9557
     image = load_image(write(tmp_path, "low.bin", data), ram_size=2 * MiB)
-    with pytest.raises(ImageError, match=r"low\.bin: the multiboot information block 0x9000-"):
-        build_multiboot_info(vm, image, ram_size=2 * MiB, cmdline="low.bin")
+    place(image, vm)
+    ebx = build_multiboot_info(vm, image, ram_size=2 * MiB, cmdline="low.bin")
+    assert ebx >= 0xB000  # after the image, not at QEMU's 0x9500
+    info = read_info(vm, ebx)
+    assert info["mmap_addr"] >= 0xB000 and info["mem_lower"] == 639
+    assert c_string(vm, info["cmdline"]) == "low.bin"
+    assert vm.read(0x8000, len(data) - 0x20) == data[0x20:]  # the kernel is intact
 
 
 # A multiboot kernel (32-bit code after the header): print the command line, the first 4

@@ -51,7 +51,9 @@ def read_regular_file(path: str | os.PathLike[str], *, limit: int, what: str = "
         if kind != stat.S_IFREG:
             name = _FILE_KINDS.get(kind, "special file")
             article = "an" if name[0] in "aeiou" else "a"
-            raise ImageError(path, f"is {article} {name}, not a regular file: give a {what} file")
+            raise ImageError(
+                path, f"is {article} {name}, not a regular file; the {what} must be one"
+            )
         if info.st_size > limit:
             raise ImageError(
                 path,
