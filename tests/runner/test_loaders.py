@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from kvmkit.runner.loaders import (
     load_image,
     place,
 )
+from kvmkit.runner.machine import RunResult
 
 MiB = 1 << 20
 RAM = 4 * MiB
@@ -763,3 +764,44 @@ def test_the_same_kernel_under_qemu_prints_the_same(
     )  # fmt: skip
     assert proc.returncode == (0x10 << 1) | 1, proc.stderr
     assert out.read_text() == _EXPECTED_CONSOLE
+
+
+# ---- the runner places its own things around the image -------------------------------------
+@pytest.mark.parametrize(
+    ("load", "bss"),
+    [
+        (0x8000, 0x1000),  # over QEMU's 0x9000 block (was refused: "overlaps image segment")
+        (0x10000, 0x70000),  # over the runner's default tables (0x20000) and stack (0x70000)
+    ],
+)
+def test_run_guest_places_info_tables_and_stack_around_a_low_kernel(
+    tmp_path: Path, run_image: Callable[..., RunResult], load: int, bss: int
+) -> None:
+    data, _ = kludge_image(load=load, code=_REPORTER, entry_delta=48, bss=bss)
+    kernel = write(tmp_path, "kernel.bin", data)
+    module = write(tmp_path, "initrd", b"MOD!rest of the module")
+    result = run_image(kernel, append="hello", modules=[module], timeout=60.0)
+    assert (result.reason, result.exit_code) == ("exit", 0x10), result.detail
+    assert result.console == "kernel.bin hello" + "MOD!" + "1"
+
+
+# Real mode: push/pop through the stack the runner chose, print "AB", exit with 7.
+_REAL_MODE = bytes.fromhex(
+    "b041e6e9"  # mov al,'A'; out 0xe9,al
+    "b84242"  # mov ax,0x4242
+    "50"  # push ax
+    "5b"  # pop bx
+    "88d8e6e9"  # mov al,bl; out 0xe9,al
+    "b007e6f4"  # mov al,7; out 0xf4,al
+    "f4"  # hlt
+)
+
+
+@pytest.mark.parametrize("load", [0x1000, 0x7C00, 0x70000, 0x8FFF0])
+def test_real_mode_flat_image_runs(
+    tmp_path: Path, run_image: Callable[..., RunResult], load: int
+) -> None:
+    image = write(tmp_path, "real.bin", _REAL_MODE)
+    result = run_image(image, mode=Mode.REAL, load_addr=load, timeout=60.0)
+    assert (result.reason, result.exit_code, result.console) == ("exit", 7, "AB"), result.detail
+    assert result.mode == "real"
