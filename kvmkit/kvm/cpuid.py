@@ -1,4 +1,6 @@
-"""CPUID entries as plain values, convertible to and from ``struct kvm_cpuid_entry2``."""
+"""CPUID entries as plain values, convertible to and from ``struct kvm_cpuid_entry2``, and
+the table of feature names (QEMU's) to their bits.  No policy: :mod:`kvmkit.runner.cpu`
+decides what a guest gets."""
 
 from __future__ import annotations
 
@@ -29,19 +31,6 @@ class CpuidEntry:
 
     def with_regs(self, **regs: int) -> CpuidEntry:
         return replace(self, **regs)
-
-
-def with_apic_id(entries: list[CpuidEntry], apic_id: int) -> list[CpuidEntry]:
-    """The same CPUID with the initial APIC id set to ``apic_id`` (leaf 1 EBX[31:24],
-    leaf 0xB/0x1F EDX) — each vCPU of an SMP guest needs its own."""
-    out = []
-    for e in entries:
-        if e.function == 1:
-            e = e.with_regs(ebx=(e.ebx & 0x00FFFFFF) | ((apic_id & 0xFF) << 24))
-        elif e.function in (0xB, 0x1F):
-            e = e.with_regs(edx=apic_id)
-        out.append(e)
-    return out
 
 
 @dataclass(frozen=True)

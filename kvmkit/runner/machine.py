@@ -215,8 +215,9 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     own_kvm = kvm is None
     kvm = kvm or Kvm()
     try:
-        # A CPU model this KVM cannot give fails before any memory is mapped.
-        cpu_model.cpuid(kvm, vcpu_index=0, vcpus=config.vcpus, irqchip=config.vcpus > 1)
+        # A feature this KVM cannot give fails before any memory is mapped (what needs
+        # the irqchip is checked again below, against the VM as built).
+        cpu_model.cpuid(kvm, vcpu_index=0, vcpus=config.vcpus, irqchip=True)
         occupied = [(s.addr, s.end) for s in image.segments if s.memsz]
         mb_plan = None
         if image.kind == "multiboot":
