@@ -805,3 +805,81 @@ def test_real_mode_flat_image_runs(
     result = run_image(image, mode=Mode.REAL, load_addr=load, timeout=60.0)
     assert (result.reason, result.exit_code, result.console) == ("exit", 7, "AB"), result.detail
     assert result.mode == "real"
+
+
+# A multiboot kernel that writes its whole multiboot_info and then the memory map, raw, to
+# port 0xe9, then 0x10 to port 0xf4.
+_DUMPER = bytes.fromhex(
+    "89de"  # mov esi, ebx
+    "b958000000"  # mov ecx, 88
+    "66bae900"  # mov dx, 0xe9
+    "f36e"  # rep outsb
+    "8b4b2c"  # mov ecx, [ebx+44]   mmap_length
+    "8b7330"  # mov esi, [ebx+48]   mmap_addr
+    "f36e"  # rep outsb
+    "b010"  # mov al, 0x10
+    "e6f4"  # out 0xf4, al
+    "f4"  # hlt
+)
+_KVM_ONLY = struct.pack("<IQQI", 20, 0xFEFFC000, 0x4000, 2)  # QEMU adds it under KVM only
+
+
+def _split_dump(raw: bytes) -> tuple[list[int], list[bytes]]:
+    fields = list(struct.unpack_from("<22I", raw))
+    entries = [raw[off : off + 24] for off in range(88, len(raw), 24)]
+    return fields, entries
+
+
+@pytest.mark.parametrize("ram_mib", [64, 1024, 3584, 6144])
+def test_multiboot_info_is_what_qemu_gives_the_same_kernel(
+    tmp_path: Path, vm: Vm, qemu_binary: str, ram_mib: int
+) -> None:
+    from kvmkit.runner.loaders.layout import amd_ht_hole, e820_map
+
+    data, _ = kludge_image(code=_DUMPER, entry_delta=48, bss=0x1000)
+    kernel = write(tmp_path, "kernel.bin", data)
+    module = write(tmp_path, "initrd", b"module")
+    out = tmp_path / "debugcon.bin"
+    proc = subprocess.run(
+        [qemu_binary, "-accel", "tcg", "-machine", "pc", "-m", f"{ram_mib}M", "-nodefaults",
+         "-display", "none", "-no-reboot", "-kernel", kernel.name, "-append", "a b",
+         "-initrd", "initrd x=1", "-chardev", f"file,id=dbg,path={out}",
+         "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=1"],
+        cwd=tmp_path, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == (0x10 << 1) | 1, proc.stderr
+    qemu_fields, qemu_map = _split_dump(out.read_bytes())
+
+    vm.add_memory(0, 2 * MiB)
+    ram = ram_mib * MiB
+    image = load_image(kernel, ram_size=2 * MiB)
+    place(image, vm)
+    with Kvm() as kvm:
+        e820 = e820_map(ram, amd_ht_hole=amd_ht_hole(kvm.supported_cpuid()))
+    ebx = build_multiboot_info(
+        vm, image, ram_size=ram, cmdline="kernel.bin a b",
+        modules=[Module(module, "initrd x=1")], e820=e820,
+    )  # fmt: skip
+    cpu = vm.create_vcpu(0)
+    setup_protected_mode(cpu, entry=image.entry, stack=0x80000)
+    regs = cpu.get_regs()
+    regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, ebx
+    cpu.set_regs(regs)
+    dump = bytearray()
+    for _ in range(1000):
+        exit_ = cpu.run()
+        assert isinstance(exit_, IoOut), exit_
+        if exit_.port == 0xF4:
+            break
+        dump += exit_.data
+    ours_fields, ours_map = _split_dump(bytes(dump))
+    assert _KVM_ONLY in ours_map
+    ours_map.remove(_KVM_ONLY)
+    amd_entry = struct.pack("<IQQI", 20, 0xFD00000000, 0x300000000, 2)
+    if amd_entry not in ours_map:  # QEMU's TCG CPU (qemu64) is AMD; under KVM QEMU
+        qemu_map.remove(amd_entry)  # takes the host's vendor, as kvmkit does
+    assert ours_map == qemu_map
+    # every field but mmap_length (one entry longer: the KVM entry) and the name's text
+    ours_fields[11] = qemu_fields[11] = 0
+    assert ours_fields == qemu_fields
