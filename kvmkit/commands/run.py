@@ -15,15 +15,63 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kvmkit.sizes import size_arg
 
 DEFAULT_CONSOLE_LIMIT = 1 << 20
+
+#: vCPUs the runner gives a guest (8-bit xAPIC ids, as the in-kernel irqchip numbers them).
+MAX_VCPUS = 255
+#: Highest address ``--load-addr`` may name (52-bit guest-physical space).
+MAX_ADDRESS = (1 << 52) - 1
+
+
+def _seconds(text: str) -> float:
+    """A finite, positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
+def _vcpu_count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 to {MAX_VCPUS} vCPUs")
+    return value
+
+
+def _address(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r} (e.g. 0x100000)") from None
+    if not 0 <= value <= MAX_ADDRESS:
+        raise argparse.ArgumentTypeError(f"{text}: give an address from 0 to {MAX_ADDRESS:#x}")
+    return value
+
+
+def _one_line_error(prog: str) -> Callable[[str], NoReturn]:
+    """argparse's ``error`` without the usage block: bad input gets one line."""
+
+    def error(message: str) -> NoReturn:
+        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    return error
 
 
 def register(sub: Any) -> None:
@@ -42,13 +90,33 @@ def register(sub: Any) -> None:
     p.add_argument("--cpl", type=int, choices=[0, 3], default=0, help="privilege level to start at")
     p.add_argument(
         "--mem",
-        type=size_arg("B"),
+        type=size_arg("B", minimum=2 << 20),
         default=64 << 20,
         metavar="SIZE",
         help="guest RAM (default 64M)",
     )
-    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (SMP via INIT/SIPI)")
-    p.add_argument("--timeout", type=float, metavar="S", help="kick every vCPU after S seconds")
+    p.add_argument(
+        "--vcpus", type=_vcpu_count, default=1, help="number of vCPUs (SMP via INIT/SIPI)"
+    )
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="kick every vCPU after S seconds")
+    p.add_argument(
+        "--cpu",
+        default="host",
+        metavar="MODEL",
+        help="CPU model as QEMU's -cpu: host (what KVM offers), with +feature/-feature "
+        "(e.g. host,+x2apic,-pku)",
+    )
+    p.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="back guest RAM with explicit huge pages (default: transparent huge pages)",
+    )
+    p.add_argument(
+        "--mem-path",
+        type=Path,
+        metavar="DIR",
+        help="back guest RAM with a file in DIR, e.g. a hugetlbfs mount (QEMU's -mem-path)",
+    )
     p.add_argument(
         "--strict",
         action="store_true",
@@ -71,7 +139,7 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="multiboot module (repeatable)",
     )
-    p.add_argument("--load-addr", type=lambda s: int(s, 0), help="load address of a flat binary")
+    p.add_argument("--load-addr", type=_address, help="load address of a flat binary")
     p.add_argument(
         "--no-irqchip",
         action="store_true",
@@ -91,6 +159,7 @@ def register(sub: Any) -> None:
         help="console bytes kept for --json (the last ones; default 1M); the stream gets all",
     )
     p.set_defaults(func=run)
+    p.error = _one_line_error(p.prog)  # type: ignore[method-assign]
 
 
 def _resolve_image(name: str) -> Path:
@@ -132,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         modules=[Path(m) for m in args.module],
         load_addr=args.load_addr,
+        cpu=args.cpu,
+        hugepages=args.hugepages,
+        mem_path=args.mem_path,
         echo=sys.stderr if args.json else sys.stdout,  # with --json, stdout is the JSON
         irqchip=not args.no_irqchip,
         reboot=args.reboot,

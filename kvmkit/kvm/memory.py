@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import tempfile
 from pathlib import Path
 
 from kvmkit._ffi import ffi
@@ -32,19 +33,52 @@ class GuestAddress(int):
         return GuestAddress(int(self) + int(other))
 
 
-def hugepages_available() -> bool:
-    """True when the host has free explicit 2 MiB huge pages (``HugePages_Free`` > 0)."""
+def _meminfo_kib(field: str) -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1]) > 0
-    except OSError:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         pass
-    return False
+    return 0
+
+
+def free_hugepages_bytes() -> int:
+    """Bytes of free explicit huge pages of the default size (``HugePages_Free``)."""
+    return _meminfo_kib("HugePages_Free") * _meminfo_kib("Hugepagesize") * 1024
+
+
+def hugepages_available() -> bool:
+    """True when the host has free explicit huge pages (``HugePages_Free`` > 0)."""
+    return free_hugepages_bytes() > 0
+
+
+def _mount_type(path: Path) -> str:
+    """The file-system type of the mount holding ``path`` ("" when unknown)."""
+    try:
+        target = str(path.resolve())
+        best, kind = "", ""
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(
+                point
+            ) >= len(best):
+                best, kind = point, fields[2]
+        return kind
+    except (OSError, IndexError):
+        return ""
 
 
 class GuestMemory:
     """One contiguous range of guest-physical memory backed by a host mapping.
+
+    Backed as QEMU backs guest RAM: private anonymous memory marked
+    ``MADV_HUGEPAGE`` (transparent huge pages; the kernel aligns mappings of whole 2 MiB
+    multiples), or with ``hugepages`` explicit huge pages (``MAP_HUGETLB``, reserved
+    up front: a :class:`MemoryLayoutError` when the host has too few free), or with
+    ``backing`` a file (mapped shared) or a directory — QEMU's ``-mem-path`` — in which an
+    unlinked file is made (on hugetlbfs: checked for enough free pages first).
 
     Created by :meth:`kvmkit.kvm.Vm.add_memory`; the VM owns it and unmaps it when the
     region is removed or the VM closes.  Addresses given to :meth:`read` and
@@ -61,6 +95,7 @@ class GuestMemory:
         log_dirty: bool = False,
         backing: str | os.PathLike[str] | None = None,
         hugepages: bool = False,
+        thp: bool = True,
     ) -> None:
         self.guest_phys = GuestAddress(guest_phys)
         self.size = size
@@ -69,14 +104,24 @@ class GuestMemory:
         self.log_dirty = log_dirty
         self.backing = Path(backing) if backing is not None else None
         self.hugepages = hugepages
-        self._map = self._make_mapping(size, self.backing, hugepages)
+        #: "thp" (anonymous, MADV_HUGEPAGE), "hugetlbfs", "file" or "anonymous".
+        self.backed_by: str
+        self._map, self.backed_by = self._make_mapping(size, self.backing, hugepages, thp)
         ptr = ffi.from_buffer(self._map)
         self.host_address: int = int(ffi.cast("uintptr_t", ptr))
         ffi.release(ptr)
         self._view: memoryview | None = memoryview(self._map)
 
     @staticmethod
-    def _make_mapping(size: int, backing: Path | None, hugepages: bool) -> mmap.mmap:
+    def _make_mapping(
+        size: int, backing: Path | None, hugepages: bool, thp: bool
+    ) -> tuple[mmap.mmap, str]:
+        """The host mapping and what backs it (see :attr:`GuestMemory.backed_by`)."""
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if backing is not None and backing.is_dir():
+            return _map_in_directory(size, backing), (
+                "hugetlbfs" if _mount_type(backing) == "hugetlbfs" else "file"
+            )
         if backing is not None:
             try:
                 fd = os.open(backing, os.O_RDWR | os.O_CREAT, 0o600)
@@ -87,22 +132,20 @@ class GuestMemory:
             try:
                 if os.fstat(fd).st_size < size:
                     os.ftruncate(fd, size)
-                return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                return mmap.mmap(fd, size, mmap.MAP_SHARED, prot), "file"
             finally:
                 os.close(fd)
-        flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        if hugepages and hugepages_available():
-            try:
-                return mmap.mmap(-1, size, flags | _MAP_HUGETLB, mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError:
-                pass  # fall back to transparent huge pages below
-        mapping = mmap.mmap(-1, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
-        if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if hugepages:
+            return _map_hugetlb(size), "hugetlbfs"
+        mapping = mmap.mmap(-1, size, private | _MAP_NORESERVE, prot)
+        if thp and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
+                return mapping, "thp"
             except OSError:
-                pass
-        return mapping
+                pass  # no THP in this kernel: small pages
+        return mapping, "anonymous"
 
     @property
     def end(self) -> GuestAddress:
@@ -173,3 +216,62 @@ class GuestMemory:
             f"<GuestMemory slot={self.slot} {int(self.guest_phys):#x}-{int(self.end) - 1:#x} "
             f"{self.size // 1024} KiB{' ' + ','.join(flags) if flags else ''}>"
         )
+
+
+def _map_hugetlb(size: int) -> mmap.mmap:
+    page = _meminfo_kib("Hugepagesize") * 1024 or HUGE_PAGE_SIZE
+    if size % page:
+        raise MemoryLayoutError(
+            f"{size >> 20} MiB is not a whole number of {page >> 20} MiB huge pages",
+            hint="give the guest a multiple of the huge page size",
+        )
+    free = free_hugepages_bytes()
+    if free < size:
+        raise MemoryLayoutError(
+            f"explicit huge pages: the guest needs {size // page} free {page >> 20} MiB "
+            f"pages, the host has {free // page} (HugePages_Free in /proc/meminfo)",
+            hint=f"reserve them with echo {size // page} > /proc/sys/vm/nr_hugepages, or drop "
+            "--hugepages: transparent huge pages are the default",
+        )
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_HUGETLB  # reserved now, not at fault
+    try:
+        return mmap.mmap(-1, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        raise MemoryLayoutError(
+            f"cannot map {size >> 20} MiB of explicit huge pages: {exc.strerror}",
+            hint="another process took the free huge pages; reserve more",
+        ) from exc
+
+
+def _map_in_directory(size: int, directory: Path) -> mmap.mmap:
+    """QEMU's ``-mem-path DIR``: an unlinked file in ``directory``, mapped shared."""
+    if _mount_type(directory) == "hugetlbfs":
+        st = os.statvfs(directory)
+        page, free = st.f_bsize, st.f_bavail * st.f_bsize
+        if size % page:
+            raise MemoryLayoutError(
+                f"{size >> 20} MiB is not a whole number of the {page >> 20} MiB pages of "
+                f"the hugetlbfs at {directory}"
+            )
+        if free < size:
+            raise MemoryLayoutError(
+                f"the hugetlbfs at {directory} has {free // page} free {page >> 20} MiB "
+                f"pages, the guest needs {size // page}",
+                hint=f"reserve them: echo {size // page} > /proc/sys/vm/nr_hugepages",
+            )
+    try:
+        fd, name = tempfile.mkstemp(prefix="kvmkit-ram-", dir=directory)
+    except OSError as exc:
+        raise MemoryLayoutError(
+            f"cannot create guest memory in {directory}: {exc.strerror}"
+        ) from exc
+    try:
+        os.unlink(name)
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        raise MemoryLayoutError(
+            f"cannot map {size >> 20} MiB of guest memory in {directory}: {exc.strerror}"
+        ) from exc
+    finally:
+        os.close(fd)

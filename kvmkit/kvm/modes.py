@@ -157,17 +157,38 @@ def _segment(
     seg.unusable = 0
 
 
+def real_mode_segments(entry: int, stack: int) -> tuple[int, int, int, int]:
+    """``(cs, ip, ss, sp)`` for linear ``entry`` and stack top ``stack``, both at most 1 MiB.
+
+    Below 64 KiB the code segment is 0 (CS:IP = 0:entry, as a boot sector runs);
+    above, CS = entry >> 4 and IP = 0, so ``entry`` must be a multiple of 16.  The stack
+    segment is the 64 KiB-aligned one holding the byte below ``stack`` (SP = 0 means the
+    top of that segment: the first push goes to SS:0xFFFE).
+    """
+    if not 0 <= entry < 0x100000 or not 0 <= stack <= 0x100000:
+        raise ValueError(f"real-mode entry {entry:#x} and stack {stack:#x} must lie below 1 MiB")
+    if entry <= 0xFFFF:
+        cs, ip = 0, entry
+    elif entry % 16:
+        raise ValueError(f"real-mode entry {entry:#x} above 64 KiB must be a multiple of 16")
+    else:
+        cs, ip = entry >> 4, 0
+    ss = ((stack - 1) >> 16) << 12 if stack else 0
+    sp = (stack - (ss << 4)) & 0xFFFF
+    return cs, ip, ss, sp
+
+
 def setup_real_mode(vcpu: Vcpu, *, entry: int, stack: int = 0) -> ModeSetup:
-    """Real mode with every segment base 0: ``entry`` and ``stack`` must be below 64 KiB
-    (CS:IP = 0:entry)."""
-    if entry > 0xFFFF or stack > 0xFFFF:
-        raise ValueError(f"real-mode entry {entry:#x} and stack {stack:#x} must be below 0x10000")
+    """Real mode at linear ``entry`` with the stack top at linear ``stack`` (both below
+    1 MiB; segments from :func:`real_mode_segments`, DS = ES = FS = GS = CS)."""
+    cs, ip, ss, sp = real_mode_segments(entry, stack)
     sregs = vcpu.get_sregs()
     for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-        seg = getattr(sregs, name)
+        selector = ss if name == "ss" else cs
         _segment(
-            seg,
-            selector=0,
+            getattr(sregs, name),
+            selector=selector,
+            base=selector << 4,
             limit=0xFFFF,
             type_=0xB if name == "cs" else 0x3,
             dpl=0,
@@ -178,7 +199,7 @@ def setup_real_mode(vcpu: Vcpu, *, entry: int, stack: int = 0) -> ModeSetup:
     sregs.cr0 = (sregs.cr0 | CR0_ET) & ~(CR0_PE | CR0_PG)
     sregs.efer = 0
     vcpu.set_sregs(sregs)
-    vcpu.set_regs(Regs(rip=entry, rsp=stack, rflags=RFLAGS_RESERVED))
+    vcpu.set_regs(Regs(rip=ip, rsp=sp, rflags=RFLAGS_RESERVED))
     return ModeSetup(Mode.REAL, 0, None)
 
 

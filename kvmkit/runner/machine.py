@@ -1,13 +1,16 @@
 """``run_guest``: one call from an image file to a finished run — memory, loader, mode,
 devices, one thread per vCPU, timeout, statistics.
 
-Guest-physical layout (RAM starts at 0; above 3 GiB it continues at 4 GiB, leaving the
-hole where the LAPIC, IOAPIC and MMIO devices live)::
+Guest-physical layout: RAM split as QEMU's ``pc`` machine splits it (all at 0 below
+3.5 GiB; else 3 GiB at 0 and the rest at 4 GiB, the PCI hole with the LAPIC, IOAPIC and
+MMIO devices in between: :mod:`kvmkit.runner.loaders.layout`).  The image goes where it
+says; around it, each in the first free place (the preferred one when the image leaves
+it free)::
 
-    0x009000-0x00ffff  multiboot info block (multiboot images)
+    0x009000-0x009557  multiboot e820 map and info block (else after the image)
     0x020000-0x02afff  runner's GDT, IDT, TSS (+I/O bitmap), page tables (protected/long)
-    0x070000-0x07ffff  initial stack (top 0x80000) for ELF and flat images
-    0x100000-          the image (multiboot kernels load here)
+    0x070000-0x07ffff  initial stack (top 0x80000)
+    after the image    multiboot module table, strings and modules (as QEMU)
 
 Interrupts: every VM gets the in-kernel irqchip (PIC, IOAPIC, one LAPIC per vCPU) and
 PIT before its vCPUs, as kvmtool, Firecracker and QEMU create them; HLT then waits in
@@ -46,7 +49,7 @@ from typing import Any, TextIO
 
 from kvmkit.errors import KvmkitError
 from kvmkit.kvm import Kvm, Vm
-from kvmkit.kvm.cpuid import with_apic_id
+from kvmkit.kvm.caps import Cap
 from kvmkit.kvm.modes import DEFAULT_TABLES_AT, TABLES_SIZE, Mode, setup_mode
 from kvmkit.runner.bus import Bus, PortDevice
 from kvmkit.runner.context import DEFAULT_CONSOLE_LIMIT, Console, RunContext
@@ -56,19 +59,26 @@ from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
 from kvmkit.runner.devices.fwcfg import FW_CFG_PORT_SEL
 from kvmkit.runner.devices.hypercalls import HYPERCALL_BASE, HYPERCALL_COUNT
 from kvmkit.runner.devices.uart import COM1_PORT, forward_input
-from kvmkit.runner.errors import RunnerError
+from kvmkit.runner.errors import ImageError, RunnerError
 from kvmkit.runner.irq import IrqChipLines
+from kvmkit.runner.loaders.layout import (
+    KVM_IDENTITY_MAP_ADDR,
+    KVM_TSS_ADDR,
+    amd_ht_hole,
+    e820_map,
+    find_free,
+    pc_ram_layout,
+)
 from kvmkit.runner.loop import Outcome, VcpuLoop
 from kvmkit.runner.stats import RunStats
 
 MiB = 1 << 20
 GiB = 1 << 30
-LOW_RAM_LIMIT = 3 * GiB
-HIGH_RAM_BASE = 4 * GiB
-STACK_TOP = 0x80000
-STACK_RESERVED = (0x70000, 0x80000)
-MULTIBOOT_INFO_AT = 0x9000
-TSS_ADDR = 0xFFFBD000  # VMX's real-mode TSS pages, where kvmtool and QEMU put them
+STACK_SIZE = 0x10000
+STACK_PREFERRED = 0x70000  # top 0x80000
+#: The lowest address the runner puts its own things at (the real-mode IVT and BDA below).
+RUNNER_LOW = 0x1000
+REAL_MODE_TOP = 0xA0000
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
 
 #: Process exit statuses of ``kvmkit run`` for endings other than the guest's own code.
@@ -96,6 +106,12 @@ class RunConfig:
     modules: Sequence[Path] = ()
     load_addr: int | None = None
     echo: TextIO | None = field(default_factory=lambda: sys.stdout)
+    #: QEMU's ``-cpu`` spelling: ``host``, ``host,+x2apic,-pku`` (see kvmkit.runner.cpu).
+    cpu: str = "host"
+    #: Explicit huge pages (MAP_HUGETLB); by default RAM gets transparent huge pages.
+    hugepages: bool = False
+    #: QEMU's ``-mem-path``: a directory (e.g. a hugetlbfs mount) to back RAM with.
+    mem_path: Path | None = None
     #: In-kernel PIC/IOAPIC/LAPICs and PIT (False: the bare machine, one vCPU).
     irqchip: bool = True
     #: Restart the guest on reset or triple fault instead of ending the run.
@@ -169,12 +185,36 @@ def exit_status(code: int) -> int:
     return code if 0 <= code <= 0xFF else STATUS_EXIT_OVERFLOW
 
 
-def _add_ram(vm: Vm, size: int) -> None:
+def check_mem_size(size: int) -> None:
     if size < 2 * MiB or size % (4096):
         raise RunnerError(f"guest memory of {size} bytes: give at least 2 MiB, in whole pages")
-    vm.add_memory(0, min(size, LOW_RAM_LIMIT))
-    if size > LOW_RAM_LIMIT:
-        vm.add_memory(HIGH_RAM_BASE, size - LOW_RAM_LIMIT)
+
+
+def _add_ram(vm: Vm, config: RunConfig) -> None:
+    for base, size in pc_ram_layout(config.mem_size).regions:
+        vm.add_memory(base, size, hugepages=config.hugepages, backing=config.mem_path)
+
+
+def _runner_places(
+    image: Any, occupied: list[tuple[int, int]], mode: Mode, low_ram: int
+) -> tuple[int, int]:
+    """``(tables_at, stack_top)``: free places for the runner's tables and stack."""
+    tables_at = find_free(
+        TABLES_SIZE, avoid=occupied, low=RUNNER_LOW, high=low_ram, prefer=DEFAULT_TABLES_AT
+    )
+    if tables_at is None:
+        raise ImageError(image.path, "leaves no room for the runner's tables: give more memory")
+    high = min(low_ram, REAL_MODE_TOP) if mode is Mode.REAL else low_ram
+    stack = find_free(
+        STACK_SIZE,
+        avoid=[*occupied, (tables_at, tables_at + TABLES_SIZE)],
+        low=RUNNER_LOW,
+        high=high,
+        prefer=STACK_PREFERRED,
+    )
+    if stack is None:
+        raise ImageError(image.path, "leaves no room for the initial stack: give more memory")
+    return tables_at, stack + STACK_SIZE
 
 
 def build_bus(
@@ -210,19 +250,21 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     and :class:`RunnerError` for an impossible configuration; how the guest itself ended
     (exit code, crash, timeout) is in the result, not an exception.
     """
-    from kvmkit.runner.loaders import load_image
+    from kvmkit.runner.cpu import parse_cpu_model
+    from kvmkit.runner.loaders import Module, load_image, plan_multiboot_info
 
     if not 1 <= config.vcpus <= 255:
         raise RunnerError(f"--vcpus {config.vcpus}: give 1 to 255")
     if config.cpl not in (0, 3):
         raise RunnerError(f"--cpl {config.cpl}: give 0 or 3")
-    reserved = [(DEFAULT_TABLES_AT, DEFAULT_TABLES_AT + TABLES_SIZE), STACK_RESERVED]
+    check_mem_size(config.mem_size)
+    cpu_model = parse_cpu_model(config.cpu)
+    low_ram = pc_ram_layout(config.mem_size).below_4g
     image = load_image(
         config.image,
-        ram_size=min(config.mem_size, LOW_RAM_LIMIT),
+        ram_size=low_ram,
         load_addr=config.load_addr,
         flat_mode=config.mode or Mode.LONG,
-        reserved=reserved,
     )
     mode = image.mode if image.kind != "flat" else (config.mode or Mode.LONG)
     if config.mode is not None and image.kind != "flat" and config.mode != image.mode:
@@ -234,6 +276,8 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
         raise RunnerError("multiboot images start at CPL 0 (the kernel drops to user mode itself)")
     if mode is Mode.REAL and config.cpl != 0:
         raise RunnerError("real mode has no CPL 3")
+    if image.kind != "multiboot" and (config.modules or config.append):
+        raise RunnerError("--module and --append only apply to multiboot images")
 
     if not config.irqchip and config.vcpus > 1:
         raise RunnerError(
@@ -253,8 +297,25 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
             raise RunnerError(
                 f"--vcpus {config.vcpus}: this KVM runs at most {kvm.max_vcpus} vCPUs per VM"
             )
+        # A feature this KVM cannot give fails before any memory is mapped (what needs
+        # the irqchip is checked again below, against the VM as built).
+        cpu_model.cpuid(kvm, vcpu_index=0, vcpus=config.vcpus, irqchip=config.irqchip)
+        occupied = [(s.addr, s.end) for s in image.segments if s.memsz]
+        mb_plan = None
+        if image.kind == "multiboot":
+            e820 = e820_map(config.mem_size, amd_ht_hole=amd_ht_hole(kvm.supported_cpuid()))
+            mb_plan = plan_multiboot_info(
+                image,
+                ram_size=config.mem_size,
+                cmdline=f"{config.image.name} {config.append}".rstrip(),
+                modules=[Module(Path(m), Path(m).name) for m in config.modules],
+                e820=e820,
+            )
+            occupied += mb_plan.ranges
+        tables_at, stack_top = _runner_places(image, occupied, mode, low_ram)
+        boot = _Boot(image, mode, mb_plan, cpu_model, tables_at, stack_top)
         while True:
-            result = _boot(config, kvm, image, mode, console, deadline)
+            result = _boot(config, kvm, boot, console, deadline)
             if result.reason == "reset" and config.reboot:
                 reboots += 1
                 continue
@@ -266,46 +327,57 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
             kvm.close()
 
 
-def _boot(
-    config: RunConfig, kvm: Kvm, image: Any, mode: Mode, console: Console, deadline: float | None
-) -> RunResult:
-    """One boot: a fresh VM with ``image`` placed in it, run until it ends."""
-    from kvmkit.runner.loaders import Module, build_multiboot_info, place
+@dataclass(frozen=True)
+class _Boot:
+    """What every boot of one run starts from (computed once, before the first boot)."""
 
+    image: Any
+    mode: Mode
+    mb_plan: Any
+    cpu_model: Any
+    tables_at: int
+    stack_top: int
+
+
+def _boot(
+    config: RunConfig, kvm: Kvm, plan: _Boot, console: Console, deadline: float | None
+) -> RunResult:
+    """One boot: a fresh VM with the image placed in it, run until it ends."""
+    from kvmkit.runner.loaders import place
+
+    image, mode = plan.image, plan.mode
     with kvm.create_vm() as vm:
-        _add_ram(vm, config.mem_size)
+        _add_ram(vm, config)
         if config.irqchip:  # before any vCPU, whatever their number
             vm.create_irqchip()
             vm.create_pit2()
-        vm.set_tss_addr(TSS_ADDR)
+        vm.set_tss_addr(KVM_TSS_ADDR)  # as QEMU: reported reserved in the e820 map
+        if kvm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
+            vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
         place(image, vm)
         irq = IrqChipLines(vm) if config.irqchip else None
         ctx = RunContext(vm, console=console, irq=irq)
         bus = build_bus(
             ctx, mem_size=config.mem_size, vcpus=config.vcpus, port_devices=config.port_devices
         )
-        cpuid = kvm.supported_cpuid()
         vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
         boot = vcpus[0]
-        setup_mode(boot, mode, entry=image.entry, stack=STACK_TOP, cpl=config.cpl)
-        if image.kind == "multiboot":
-            cmdline = f"{config.image.name} {config.append}".rstrip()
-            modules = [Module(Path(m), Path(m).name) for m in config.modules]
-            info = build_multiboot_info(
-                vm,
-                image,
-                ram_size=config.mem_size,
-                cmdline=cmdline,
-                modules=modules,
-                info_addr=MULTIBOOT_INFO_AT,
-            )
+        setup_mode(
+            boot,
+            mode,
+            entry=image.entry,
+            stack=plan.stack_top,
+            cpl=config.cpl,
+            tables_at=plan.tables_at,
+        )
+        if plan.mb_plan is not None:
             regs = boot.get_regs()
-            regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, info
+            regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, plan.mb_plan.write(vm)
             boot.set_regs(regs)
-        elif config.modules or config.append:
-            raise RunnerError("--module and --append only apply to multiboot images")
         for i, vcpu in enumerate(vcpus):
-            vcpu.set_cpuid2(with_apic_id(cpuid, i))
+            vcpu.set_cpuid2(
+                plan.cpu_model.cpuid(kvm, vcpu_index=i, vcpus=config.vcpus, irqchip=vm.has_irqchip)
+            )
         feeding = threading.Event()
         feeder = None
         uart = bus.ports.get(COM1_PORT)

@@ -89,10 +89,49 @@ def test_file_backed_memory_shares_the_file(vm: Vm, tmp_path: Path) -> None:
     assert backing.read_bytes()[0x1000:0x1007] == b"persist"
 
 
-def test_hugepage_option_maps_memory(vm: Vm) -> None:
-    mem = vm.add_memory(0x200000, 0x400000, hugepages=True)
-    mem.write(0x3FFFF8 + 0x200000, b"12345678")
-    assert mem.read(0x5FFFF8, 8) == b"12345678"
+def _anon_huge_kib(mem: object) -> int:
+    """AnonHugePages of the host mapping that backs ``mem`` (from /proc/self/smaps)."""
+    start = mem.host_address  # type: ignore[attr-defined]
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if "-" in fields[0] and int(fields[0].split("-")[0], 16) == start:
+            for detail in lines[i + 1 :]:
+                if detail.startswith("AnonHugePages:"):
+                    return int(detail.split()[1])
+    raise AssertionError("mapping not found in /proc/self/smaps")
+
+
+def test_ram_gets_transparent_huge_pages_by_default(vm: Vm) -> None:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this host")
+    mem = vm.add_memory(0, 8 << 20)
+    assert mem.backed_by == "thp"
+    mem.write(0, b"\x01" * (8 << 20))  # fault every page in
+    assert _anon_huge_kib(mem) >= 2048
+
+
+def test_explicit_hugepages_map_or_say_why_not(vm: Vm) -> None:
+    from kvmkit.kvm.memory import free_hugepages_bytes
+
+    if free_hugepages_bytes() >= 0x400000:
+        mem = vm.add_memory(0x200000, 0x400000, hugepages=True)
+        assert mem.backed_by == "hugetlbfs"
+        mem.write(0x3FFFF8 + 0x200000, b"12345678")
+        assert mem.read(0x5FFFF8, 8) == b"12345678"
+    else:
+        with pytest.raises(MemoryLayoutError, match="explicit huge pages: the guest needs 2 free"):
+            vm.add_memory(0x200000, 0x400000, hugepages=True)
+    assert vm.regions == [] or all(r.backed_by == "hugetlbfs" for r in vm.regions)
+
+
+def test_mem_path_directory_backs_ram_with_an_unlinked_file(vm: Vm, tmp_path: Path) -> None:
+    mem = vm.add_memory(0, 0x200000, backing=tmp_path)
+    mem.write(0x1000, b"ram")
+    assert mem.read(0x1000, 3) == b"ram"
+    assert mem.backed_by == "file"
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 _STORE_LOOP = (

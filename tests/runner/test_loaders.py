@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from kvmkit.runner.loaders import (
     load_image,
     place,
 )
+from kvmkit.runner.machine import RunResult
 
 MiB = 1 << 20
 RAM = 4 * MiB
@@ -300,7 +301,7 @@ def test_missing_empty_and_directory(tmp_path: Path) -> None:
     assert "cannot read" in image_error(tmp_path / "nope.elf")
     assert image_error(write(tmp_path, "empty", b"")) == "file is empty"
     (tmp_path / "dir").mkdir()
-    assert "is a directory" in image_error(tmp_path / "dir")
+    assert image_error(tmp_path / "dir").startswith("is a directory, not a regular file")
 
 
 def test_bad_magic_without_load_address(tmp_path: Path) -> None:
@@ -394,10 +395,15 @@ def test_no_loadable_segments(tmp_path: Path) -> None:
     assert "no loadable segments" in image_error(write(tmp_path, "none.elf", elf))
 
 
-def test_real_mode_flat_image_must_sit_below_64k(tmp_path: Path) -> None:
+def test_real_mode_flat_image_must_sit_below_1m_and_16_aligned_above_64k(
+    tmp_path: Path,
+) -> None:
     path = write(tmp_path, "real.bin", b"\xf4" * 0x100)
-    fault = image_error(path, load_addr=0xFFC0, flat_mode=Mode.REAL)
-    assert "real-mode flat image must lie below 0x10000" in fault
+    assert load_image(path, ram_size=RAM, load_addr=0xFFC0, flat_mode=Mode.REAL).entry == 0xFFC0
+    assert load_image(path, ram_size=RAM, load_addr=0x70000, flat_mode=Mode.REAL).entry == 0x70000
+    fault = image_error(path, load_addr=0xFFFC0, flat_mode=Mode.REAL)
+    assert "real-mode flat image must lie below 0x100000 (1 MiB)" in fault
+    assert "must be a multiple of 16" in image_error(path, load_addr=0x10008, flat_mode=Mode.REAL)
 
 
 def test_multiboot_bad_checksum(tmp_path: Path) -> None:
@@ -508,9 +514,16 @@ def multiboot_image(tmp_path: Path) -> LoadedImage:
     return load_image(write(tmp_path, "kernel.bin", data), ram_size=RAM)
 
 
-def test_multiboot_info_block(tmp_path: Path, vm: Vm) -> None:
+def mmap_entries(vm: Vm, info: dict[str, int]) -> list[tuple[int, int, int]]:
+    raw = vm.read(info["mmap_addr"], info["mmap_length"])
+    entries = [struct.unpack_from("<IQQI", raw, off) for off in range(0, len(raw), 24)]
+    assert all(size == 20 for size, *_ in entries)
+    return [(base, length, kind) for _size, base, length, kind in entries]
+
+
+def test_multiboot_info_block_where_qemu_puts_it(tmp_path: Path, vm: Vm) -> None:
     vm.add_memory(0, RAM)
-    image = multiboot_image(tmp_path)
+    image = multiboot_image(tmp_path)  # loaded at 0x100000, 0x2345 bytes of BSS
     mod_a = write(tmp_path, "a.mod", b"module A contents")
     mod_b = write(tmp_path, "b.mod", b"B" * 5000)
     ebx = build_multiboot_info(
@@ -520,50 +533,94 @@ def test_multiboot_info_block(tmp_path: Path, vm: Vm) -> None:
         cmdline="kernel.bin console=ttyS0 quiet",
         modules=[Module(mod_a, "a.mod arg=1"), Module(mod_b, "b.mod")],
     )
-    assert ebx == 0x9000 and MULTIBOOT_BOOTLOADER_MAGIC == 0x2BADB002
+    assert ebx == 0x9500 and MULTIBOOT_BOOTLOADER_MAGIC == 0x2BADB002
     info = read_info(vm, ebx)
-    assert info["flags"] == 1 | 4 | 8 | 0x40 | 0x200
-    assert (info["mem_lower"], info["mem_upper"]) == (640, (RAM - MiB) // 1024)
+    assert info["flags"] == 1 | 2 | 4 | 8 | 0x40 | 0x200
+    assert info["boot_device"] == 0x8000FFFF
+    # QEMU 7.2 + SeaBIOS: 639 KiB low, upper memory up to 128 KiB below the top of RAM
+    assert (info["mem_lower"], info["mem_upper"]) == (639, (RAM - 0x20000 - MiB) // 1024)
+    assert info["mmap_addr"] == 0x9000
     assert c_string(vm, info["cmdline"]) == "kernel.bin console=ttyS0 quiet"
     assert c_string(vm, info["boot_loader_name"]) == "kvmkit"
-    # memory map: size field 20, then base, length, type
-    assert info["mmap_length"] == 4 * 24
-    raw = vm.read(info["mmap_addr"], info["mmap_length"])
-    entries = [struct.unpack_from("<IQQI", raw, off) for off in range(0, len(raw), 24)]
-    assert entries == [
-        (20, 0, 0x9FC00, 1),
-        (20, 0x9FC00, 0x400, 2),
-        (20, 0xF0000, 0x10000, 2),
-        (20, MiB, RAM - MiB, 1),
-    ]
-    # modules: page-aligned after the image (its end includes the BSS)
-    assert info["mods_count"] == 2
-    mods = [struct.unpack_from("<4I", vm.read(info["mods_addr"], 32), i * 16) for i in range(2)]
-    first = (image.end + 0xFFF) & ~0xFFF
+    # module table and strings right after the image (load_addr + page-aligned size),
+    # module strings first, then the command line, then the loader name (QEMU's order)
+    after = 0x100000 + ((image.end - 0x100000 + 0xFFF) & ~0xFFF)
+    assert info["mods_addr"] == after and info["mods_count"] == 2
+    mods = [struct.unpack_from("<4I", vm.read(after, 32), i * 16) for i in range(2)]
+    assert mods[0][2] == after + 32
+    assert c_string(vm, mods[0][2]) == "a.mod arg=1"
+    assert info["cmdline"] == after + 32 + len("a.mod arg=1\0b.mod\0")
+    first = after + 0x1000
     assert mods[0][:2] == (first, first + 17)
     assert mods[1][:2] == (first + 0x1000, first + 0x1000 + 5000)
     assert vm.read(mods[0][0], 17) == b"module A contents"
     assert vm.read(mods[1][0], 5000) == b"B" * 5000
-    assert [c_string(vm, m[2]) for m in mods] == ["a.mod arg=1", "b.mod"]
-    # everything of the block lies in [0x9000, 0x10000)
-    for addr in (info["cmdline"], info["mmap_addr"], info["mods_addr"], mods[1][2]):
-        assert 0x9000 <= addr < 0x10000
+    assert c_string(vm, mods[1][2]) == "b.mod"
 
 
-def test_mem_upper_stops_at_the_pci_hole_and_modules_addr(tmp_path: Path, vm: Vm) -> None:
-    # Only low memory is mapped: the block and the module need nothing else.
-    vm.add_memory(0, 2 * MiB)
-    image = multiboot_image(tmp_path)
-    mod = write(tmp_path, "m", b"xyz")
-    ram = 8 << 30
-    addr = build_multiboot_info(
-        vm, image, ram_size=ram, cmdline="k", modules=[Module(mod, "m")], modules_addr=0x180001
+#: The e820 maps QEMU 7.2 (-M pc, SeaBIOS) gave a multiboot kernel on this host, read
+#: back by a kernel that dumps its multiboot information (-accel tcg; under KVM QEMU adds
+#: the identity-map/TSS entry at 0xfeffc000, which kvmkit reports too).
+_QEMU_MAPS = {
+    1 << 30: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0x3FEE0000, 1), (0x3FFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+    ],
+    3584 << 20: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0xBFEE0000, 1), (0xBFFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+        (0x100000000, 0x20000000, 1),
+    ],
+    6 << 30: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0xBFEE0000, 1), (0xBFFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+        (0x100000000, 0xC0000000, 1),
+    ],
+    3328 << 20: [
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2),
+        (0x100000, 0xCFEE0000, 1), (0xCFFE0000, 0x20000, 2), (0xFFFC0000, 0x40000, 2),
+    ],
+}  # fmt: skip
+_QEMU_MEM_UPPER = {1 << 30: 1047424, 3584 << 20: 3144576, 6 << 30: 3144576, 3328 << 20: 3406720}
+_KVM_ENTRY = (0xFEFFC000, 0x4000, 2)
+_AMD_HT = (0xFD00000000, 0x300000000, 2)
+
+
+@pytest.mark.parametrize("ram", sorted(_QEMU_MAPS), ids=lambda r: f"{r >> 20}M")
+@pytest.mark.parametrize("amd", [False, True], ids=["intel", "amd"])
+def test_memory_map_and_mem_upper_are_qemus(tmp_path: Path, vm: Vm, ram: int, amd: bool) -> None:
+    from kvmkit.runner.loaders.layout import e820_map
+
+    vm.add_memory(0, 2 * MiB)  # the block and the strings need nothing else
+    ebx = build_multiboot_info(
+        vm,
+        multiboot_image(tmp_path),
+        ram_size=ram,
+        cmdline="k",
+        e820=e820_map(ram, amd_ht_hole=amd),
     )
-    info = read_info(vm, addr)
-    assert info["mem_upper"] == (0xC0000000 - MiB) // 1024
-    last = struct.unpack_from("<IQQI", vm.read(info["mmap_addr"] + 72, 24))
-    assert last == (20, MiB, ram - MiB, 1)
-    assert struct.unpack("<2I", vm.read(info["mods_addr"], 8)) == (0x181000, 0x181003)
+    info = read_info(vm, ebx)
+    assert (info["mem_lower"], info["mem_upper"]) == (639, _QEMU_MEM_UPPER[ram])
+    expected = sorted(_QEMU_MAPS[ram] + [_KVM_ENTRY] + ([_AMD_HT] if amd else []))
+    assert mmap_entries(vm, info) == expected
+
+
+@pytest.mark.parametrize(
+    ("ram", "below", "above"),
+    [
+        (64 * MiB, 64 * MiB, 0),
+        (1 << 30, 1 << 30, 0),
+        (3328 * MiB, 3328 * MiB, 0),  # below 3.5 GiB: all of it at 0
+        (3584 * MiB, 3 << 30, 512 * MiB),  # from 3.5 GiB: 3 GiB at 0, the rest at 4 GiB
+        (6 << 30, 3 << 30, 3 << 30),
+    ],
+)
+def test_ram_split_is_the_pc_machines(ram: int, below: int, above: int) -> None:
+    from kvmkit.runner.loaders.layout import HIGH_RAM_BASE, pc_ram_layout
+
+    layout = pc_ram_layout(ram)
+    assert (layout.below_4g, layout.above_4g) == (below, above)
+    assert layout.regions == [(0, below)] + ([(HIGH_RAM_BASE, above)] if above else [])
 
 
 def test_module_beyond_ram_names_the_module_and_writes_nothing(tmp_path: Path, vm: Vm) -> None:
@@ -578,11 +635,11 @@ def test_module_beyond_ram_names_the_module_and_writes_nothing(tmp_path: Path, v
         )  # fmt: skip
     assert info.value.path == huge
     assert str(info.value) == (
-        f"{huge}: module (0x100000 bytes) at 0x104000-0x203fff does not fit in guest RAM "
-        "(0x200000 bytes); give the guest more memory"
+        f"{huge}: module (0x100000 bytes) at 0x105000-0x204fff does not fit in the guest's "
+        "0x200000 bytes of RAM below 4 GiB; give the guest more memory"
     )
-    assert vm.read(0x9000, 0x100) == bytes(0x100)
-    assert vm.read(0x103000, 1) == b"\0"  # where the small module would have gone
+    assert vm.read(0x9000, 0x600) == bytes(0x600)
+    assert vm.read(0x103000, 0x2000) == bytes(0x2000)
 
 
 def test_unreadable_module_names_the_module(tmp_path: Path, vm: Vm) -> None:
@@ -592,20 +649,34 @@ def test_unreadable_module_names_the_module(tmp_path: Path, vm: Vm) -> None:
             vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="k",
             modules=[Module(tmp_path / "missing.mod", "m")],
         )  # fmt: skip
+    with pytest.raises(ImageError, match=r"is a character device, not a regular file"):
+        build_multiboot_info(
+            vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="k",
+            modules=[Module(Path("/dev/zero"), "zero")],
+        )  # fmt: skip
 
 
-def test_info_block_must_fit_below_64k(tmp_path: Path, vm: Vm) -> None:
+def test_a_long_command_line_goes_after_the_image(tmp_path: Path, vm: Vm) -> None:
     vm.add_memory(0, 2 * MiB)
-    with pytest.raises(ImageError, match="only 0x7000 fit below 0x10000"):
-        build_multiboot_info(vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="x" * 30000)
+    ebx = build_multiboot_info(vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="x" * 30000)
+    assert vm.read(read_info(vm, ebx)["cmdline"], 30001) == b"x" * 30000 + b"\0"
+    with pytest.raises(ImageError, match="does not fit in the guest's 0x200000 bytes"):
+        build_multiboot_info(
+            vm, multiboot_image(tmp_path), ram_size=2 * MiB, cmdline="x" * 0x100000
+        )
 
 
-def test_info_block_must_not_overlap_the_image(tmp_path: Path, vm: Vm) -> None:
+def test_a_kernel_over_0x9000_gets_the_block_after_itself(tmp_path: Path, vm: Vm) -> None:
     vm.add_memory(0, 2 * MiB)
-    data, _ = kludge_image(load=0x8000, bss=0x2000)
+    data, _ = kludge_image(load=0x8000, bss=0x2000)  # 0x8000-0xa04f: covers 0x9000-0x9557
     image = load_image(write(tmp_path, "low.bin", data), ram_size=2 * MiB)
-    with pytest.raises(ImageError, match=r"low\.bin: the multiboot information block 0x9000-"):
-        build_multiboot_info(vm, image, ram_size=2 * MiB, cmdline="low.bin")
+    place(image, vm)
+    ebx = build_multiboot_info(vm, image, ram_size=2 * MiB, cmdline="low.bin")
+    assert ebx >= 0xB000  # after the image, not at QEMU's 0x9500
+    info = read_info(vm, ebx)
+    assert info["mmap_addr"] >= 0xB000 and info["mem_lower"] == 639
+    assert c_string(vm, info["cmdline"]) == "low.bin"
+    assert vm.read(0x8000, len(data) - 0x20) == data[0x20:]  # the kernel is intact
 
 
 # A multiboot kernel (32-bit code after the header): print the command line, the first 4
@@ -693,3 +764,122 @@ def test_the_same_kernel_under_qemu_prints_the_same(
     )  # fmt: skip
     assert proc.returncode == (0x10 << 1) | 1, proc.stderr
     assert out.read_text() == _EXPECTED_CONSOLE
+
+
+# ---- the runner places its own things around the image -------------------------------------
+@pytest.mark.parametrize(
+    ("load", "bss"),
+    [
+        (0x8000, 0x1000),  # over QEMU's 0x9000 block (was refused: "overlaps image segment")
+        (0x10000, 0x70000),  # over the runner's default tables (0x20000) and stack (0x70000)
+    ],
+)
+def test_run_guest_places_info_tables_and_stack_around_a_low_kernel(
+    tmp_path: Path, run_image: Callable[..., RunResult], load: int, bss: int
+) -> None:
+    data, _ = kludge_image(load=load, code=_REPORTER, entry_delta=48, bss=bss)
+    kernel = write(tmp_path, "kernel.bin", data)
+    module = write(tmp_path, "initrd", b"MOD!rest of the module")
+    result = run_image(kernel, append="hello", modules=[module], timeout=60.0)
+    assert (result.reason, result.exit_code) == ("exit", 0x10), result.detail
+    assert result.console == "kernel.bin hello" + "MOD!" + "1"
+
+
+# Real mode: push/pop through the stack the runner chose, print "AB", exit with 7.
+_REAL_MODE = bytes.fromhex(
+    "b041e6e9"  # mov al,'A'; out 0xe9,al
+    "b84242"  # mov ax,0x4242
+    "50"  # push ax
+    "5b"  # pop bx
+    "88d8e6e9"  # mov al,bl; out 0xe9,al
+    "b007e6f4"  # mov al,7; out 0xf4,al
+    "f4"  # hlt
+)
+
+
+@pytest.mark.parametrize("load", [0x1000, 0x7C00, 0x70000, 0x8FFF0])
+def test_real_mode_flat_image_runs(
+    tmp_path: Path, run_image: Callable[..., RunResult], load: int
+) -> None:
+    image = write(tmp_path, "real.bin", _REAL_MODE)
+    result = run_image(image, mode=Mode.REAL, load_addr=load, timeout=60.0)
+    assert (result.reason, result.exit_code, result.console) == ("exit", 7, "AB"), result.detail
+    assert result.mode == "real"
+
+
+# A multiboot kernel that writes its whole multiboot_info and then the memory map, raw, to
+# port 0xe9, then 0x10 to port 0xf4.
+_DUMPER = bytes.fromhex(
+    "89de"  # mov esi, ebx
+    "b958000000"  # mov ecx, 88
+    "66bae900"  # mov dx, 0xe9
+    "f36e"  # rep outsb
+    "8b4b2c"  # mov ecx, [ebx+44]   mmap_length
+    "8b7330"  # mov esi, [ebx+48]   mmap_addr
+    "f36e"  # rep outsb
+    "b010"  # mov al, 0x10
+    "e6f4"  # out 0xf4, al
+    "f4"  # hlt
+)
+_KVM_ONLY = struct.pack("<IQQI", 20, 0xFEFFC000, 0x4000, 2)  # QEMU adds it under KVM only
+
+
+def _split_dump(raw: bytes) -> tuple[list[int], list[bytes]]:
+    fields = list(struct.unpack_from("<22I", raw))
+    entries = [raw[off : off + 24] for off in range(88, len(raw), 24)]
+    return fields, entries
+
+
+@pytest.mark.parametrize("ram_mib", [64, 1024, 3584, 6144])
+def test_multiboot_info_is_what_qemu_gives_the_same_kernel(
+    tmp_path: Path, vm: Vm, qemu_binary: str, ram_mib: int
+) -> None:
+    from kvmkit.runner.loaders.layout import amd_ht_hole, e820_map
+
+    data, _ = kludge_image(code=_DUMPER, entry_delta=48, bss=0x1000)
+    kernel = write(tmp_path, "kernel.bin", data)
+    module = write(tmp_path, "initrd", b"module")
+    out = tmp_path / "debugcon.bin"
+    proc = subprocess.run(
+        [qemu_binary, "-accel", "tcg", "-machine", "pc", "-m", f"{ram_mib}M", "-nodefaults",
+         "-display", "none", "-no-reboot", "-kernel", kernel.name, "-append", "a b",
+         "-initrd", "initrd x=1", "-chardev", f"file,id=dbg,path={out}",
+         "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=1"],
+        cwd=tmp_path, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == (0x10 << 1) | 1, proc.stderr
+    qemu_fields, qemu_map = _split_dump(out.read_bytes())
+
+    vm.add_memory(0, 2 * MiB)
+    ram = ram_mib * MiB
+    image = load_image(kernel, ram_size=2 * MiB)
+    place(image, vm)
+    with Kvm() as kvm:
+        e820 = e820_map(ram, amd_ht_hole=amd_ht_hole(kvm.supported_cpuid()))
+    ebx = build_multiboot_info(
+        vm, image, ram_size=ram, cmdline="kernel.bin a b",
+        modules=[Module(module, "initrd x=1")], e820=e820,
+    )  # fmt: skip
+    cpu = vm.create_vcpu(0)
+    setup_protected_mode(cpu, entry=image.entry, stack=0x80000)
+    regs = cpu.get_regs()
+    regs.rax, regs.rbx = MULTIBOOT_BOOTLOADER_MAGIC, ebx
+    cpu.set_regs(regs)
+    dump = bytearray()
+    for _ in range(1000):
+        exit_ = cpu.run()
+        assert isinstance(exit_, IoOut), exit_
+        if exit_.port == 0xF4:
+            break
+        dump += exit_.data
+    ours_fields, ours_map = _split_dump(bytes(dump))
+    assert _KVM_ONLY in ours_map
+    ours_map.remove(_KVM_ONLY)
+    amd_entry = struct.pack("<IQQI", 20, 0xFD00000000, 0x300000000, 2)
+    if amd_entry not in ours_map:  # QEMU's TCG CPU (qemu64) is AMD; under KVM QEMU
+        qemu_map.remove(amd_entry)  # takes the host's vendor, as kvmkit does
+    assert ours_map == qemu_map
+    # every field but mmap_length (one entry longer: the KVM entry) and the name's text
+    ours_fields[11] = qemu_fields[11] = 0
+    assert ours_fields == qemu_fields

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,21 +19,63 @@ from kvmkit.runner.loaders.multiboot import (
     load_aout_kludge,
 )
 
-#: Real mode starts at CS:IP = 0:entry, so a flat real-mode image must start below 64 KiB.
-_REAL_MODE_LIMIT = 0x10000
+#: A real-mode image starts at CS:IP below 1 MiB: CS:IP = 0:entry below 64 KiB, else
+#: CS = entry >> 4 (so the entry must then be on a 16-byte boundary).
+REAL_MODE_LIMIT = 0x100000
+_READ_CHUNK = 1 << 20
+_FILE_KINDS = {
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "directory",
+}
 
 
-def read_image(path: Path) -> bytes:
-    """The file's bytes; :class:`ImageError` when it cannot be read or is empty."""
+def read_regular_file(path: str | os.PathLike[str], *, limit: int, what: str = "image") -> bytes:
+    """The contents of the regular file ``path``, at most ``limit`` bytes.
+
+    Never blocks and never reads without bound: the file is opened non-blocking, must be
+    a regular file (a FIFO, a device, a directory or a socket is an :class:`ImageError`),
+    and its size is checked against ``limit`` before anything is read.  An empty file,
+    a missing one, or one larger than ``limit`` is an :class:`ImageError` naming it.
+    """
+    path = Path(path)
     try:
-        data = path.read_bytes()
-    except IsADirectoryError as exc:
-        raise ImageError(path, "is a directory, not a guest image") from exc
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ImageError(path, f"cannot read: {exc.strerror or exc}") from exc
-    if not data:
+        raise ImageError(path, f"cannot read {what}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        kind = stat.S_IFMT(info.st_mode)
+        if kind != stat.S_IFREG:
+            name = _FILE_KINDS.get(kind, "special file")
+            article = "an" if name[0] in "aeiou" else "a"
+            raise ImageError(
+                path, f"is {article} {name}, not a regular file; the {what} must be one"
+            )
+        if info.st_size > limit:
+            raise ImageError(
+                path,
+                f"{what} is {info.st_size:#x} bytes, more than the {limit:#x} bytes of guest "
+                "RAM it could go to; give the guest more memory",
+            )
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(_READ_CHUNK, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise ImageError(path, f"cannot read {what}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if total > limit:  # the file grew while it was read
+        raise ImageError(path, f"{what} grew beyond {limit:#x} bytes while it was read")
+    if not total:
         raise ImageError(path, "file is empty")
-    return data
+    return b"".join(chunks)
 
 
 def load_image(
@@ -59,7 +102,7 @@ def load_image(
     ranges = check_reserved(reserved)
     if ram_size <= 0:
         raise RunnerError(f"ram_size must be positive, got {ram_size}")
-    data = read_image(path)
+    data = read_regular_file(path, limit=ram_size)
     header = find_multiboot_header(path, data)
     if header is not None:
         if header.flags & FLAG_AOUT_KLUDGE:
@@ -92,16 +135,27 @@ def load_image(
                 f"not an ELF file (bad magic {data[:4].hex()}) and no multiboot header; a flat "
                 "binary needs a load address",
             )
-        if flat_mode is Mode.REAL and load_addr + len(data) > _REAL_MODE_LIMIT:
-            raise ImageError(
-                path,
-                f"a real-mode flat image must lie below {_REAL_MODE_LIMIT:#x}, but "
-                f"{len(data):#x} bytes at {load_addr:#x} end at {load_addr + len(data):#x}",
-            )
+        if flat_mode is Mode.REAL:
+            _check_real_mode(path, load_addr, len(data))
         segments = (Segment(load_addr, data, len(data)),)
         image = LoadedImage(path, "flat", load_addr, flat_mode, segments)
     check_layout(path, image.segments, image.entry, ram_size=ram_size, reserved=ranges)
     return image
+
+
+def _check_real_mode(path: Path, load_addr: int, size: int) -> None:
+    if load_addr < 0 or load_addr + size > REAL_MODE_LIMIT:
+        raise ImageError(
+            path,
+            f"a real-mode flat image must lie below {REAL_MODE_LIMIT:#x} (1 MiB), but "
+            f"{size:#x} bytes at {load_addr:#x} end at {load_addr + size:#x}",
+        )
+    if load_addr > 0xFFFF and load_addr % 16:
+        raise ImageError(
+            path,
+            f"a real-mode image at {load_addr:#x} (above 64 KiB) starts at CS:IP = "
+            f"{load_addr >> 4:#x}:0, so its load address must be a multiple of 16",
+        )
 
 
 def write_guest(vm: Vm, addr: int, data: bytes | bytearray | memoryview) -> None:

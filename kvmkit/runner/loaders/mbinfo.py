@@ -1,33 +1,44 @@
-"""The multiboot v1 information block, written the way QEMU's ``-kernel`` writes it.
+"""The multiboot v1 information block, laid out the way QEMU 7.2's ``-kernel`` lays it out.
 
-Layout, from ``info_addr`` (default 0x9000, QEMU's ``MULTIBOOT_STRUCT_ADDR``) up, all
-below 0x10000::
+QEMU (``hw/i386/multiboot.c`` and its option ROM) gives the kernel::
 
-    info_addr          multiboot_info (88 bytes)
-    + 88               memory map: 4 entries of 24 bytes (size=20, base, length, type)
-    + 88 + 96          module table: 16 bytes per module (mod_start, mod_end, string, 0)
-    then               strings: the command line, "kvmkit", each module's string
+    0x9000             e820 memory map (24-byte entries: size=20, base, length, type)
+    0x9500             multiboot_info (88 bytes); EBX points here
+    A = load_addr + page_align(kernel size)   (right after the image)
+    A                  module table: 16 bytes per module (mod_start, mod_end, string, 0)
+    then               strings: each module's string, the command line, the loader name
+    page_align(...)    the modules, one after the other, each starting on a page
 
-Modules go page-aligned after ``max(image.end, 1 MiB)`` (or from ``modules_addr``), one
-after the other, each starting on a page; ``mod_end`` is exclusive, as in QEMU.
+When the image itself covers 0x9000-0x9557 (a kernel linked at 0x8000, say), the map and
+the info block move to the end of the string area instead, so that neither overwrites
+the other: QEMU would write them over the kernel.  ``mod_end`` is exclusive, as in QEMU.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmkit.errors import GuestMemoryAccessError
 from kvmkit.kvm import Vm
-from kvmkit.runner.errors import ImageError, RunnerError
+from kvmkit.runner.errors import ImageError
 from kvmkit.runner.loaders.image import LoadedImage
-from kvmkit.runner.loaders.load import write_guest
+from kvmkit.runner.loaders.layout import (
+    MEM_LOWER_KIB,
+    PAGE,
+    e820_map,
+    mem_upper_kib,
+    pc_ram_layout,
+)
+from kvmkit.runner.loaders.load import read_regular_file, write_guest
 from kvmkit.runner.loaders.multiboot import MULTIBOOT_BOOTLOADER_MAGIC
 
 __all__ = [
     "Module",
+    "MultibootPlan",
+    "plan_multiboot_info",
     "build_multiboot_info",
     "MULTIBOOT_BOOTLOADER_MAGIC",
     "MBI_FLAGS",
@@ -35,24 +46,26 @@ __all__ = [
 ]
 
 INFO_MEMORY = 1 << 0
+INFO_BOOT_DEVICE = 1 << 1
 INFO_CMDLINE = 1 << 2
 INFO_MODS = 1 << 3
 INFO_MMAP = 1 << 6
 INFO_BOOTLOADER_NAME = 1 << 9
-MBI_FLAGS = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOTLOADER_NAME
+MBI_FLAGS = (
+    INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOTLOADER_NAME
+)
+#: QEMU's: BIOS drive 0x80, no partition.
+BOOT_DEVICE = 0x8000FFFF
 BOOTLOADER_NAME = "kvmkit"
 
 MBI_SIZE = 88
 MMAP_ENTRY_SIZE = 24
 MOD_ENTRY_SIZE = 16
-MEMORY_AVAILABLE = 1
-MEMORY_RESERVED = 2
-#: The block must be reachable by 16-bit code, like QEMU's (everything below 64 KiB).
-INFO_LIMIT = 0x10000
-PAGE = 0x1000
-ONE_MIB = 0x100000
-#: mem_upper counts memory up to the PCI hole, as a PC BIOS reports it.
-_BELOW_4G_RAM = 0xC0000000
+#: QEMU's ADDR_E820_MAP and ADDR_MBI.
+MMAP_ADDR = 0x9000
+INFO_ADDR = 0x9500
+#: Multiboot addresses are 32-bit.
+_4G = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,28 @@ class Module:
 
     path: Path
     cmdline: str
+
+
+@dataclass
+class MultibootPlan:
+    """Where everything goes (computed, nothing written yet); :meth:`write` writes it."""
+
+    info_addr: int
+    #: Half-open guest-physical ranges the block, its strings and the modules occupy.
+    ranges: list[tuple[int, int]]
+    _writes: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
+    _owner: Path = field(default=Path(), repr=False)
+
+    def write(self, vm: Vm) -> int:
+        """Write the modules and the block into ``vm``; return EBX for the kernel."""
+        try:
+            for addr, data in self._writes:
+                write_guest(vm, addr, data)
+        except GuestMemoryAccessError as exc:
+            raise ImageError(
+                self._owner, f"guest memory does not cover the multiboot information: {exc}"
+            ) from exc
+        return self.info_addr
 
 
 def _align(value: int, to: int) -> int:
@@ -74,21 +109,115 @@ def _c_string(owner: Path, what: str, text: str) -> bytes:
     return raw + b"\0"
 
 
-def memory_map(ram_size: int) -> list[tuple[int, int, int]]:
-    """``(base, length, type)`` entries: the e820 map of a PC with ``ram_size`` bytes of RAM
-    at 0, as SeaBIOS reports it below 1 MiB."""
-    entries = [
-        (0, 0x9FC00, MEMORY_AVAILABLE),
-        (0x9FC00, 0x400, MEMORY_RESERVED),  # extended BIOS data area
-        (0xF0000, 0x10000, MEMORY_RESERVED),  # BIOS ROM
+def _overlaps(start: int, end: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    return any(start < e and s < end for s, e in ranges)
+
+
+def _place_modules(
+    modules: Sequence[Module], contents: Sequence[bytes], at: int, low_ram: int
+) -> list[tuple[int, bytes]]:
+    """``(address, contents)`` of each module, page-aligned from ``at``, all below
+    ``low_ram``."""
+    placed = []
+    for module, data in zip(modules, contents, strict=True):
+        end = at + len(data)
+        if end > low_ram:
+            raise ImageError(
+                module.path,
+                f"module ({len(data):#x} bytes) at {at:#x}-{end - 1:#x} does not fit in the "
+                f"guest's {low_ram:#x} bytes of RAM below 4 GiB; give the guest more memory",
+            )
+        placed.append((at, data))
+        at = _align(end, PAGE)
+    return placed
+
+
+def plan_multiboot_info(
+    image: LoadedImage,
+    *,
+    ram_size: int,
+    cmdline: str,
+    modules: Sequence[Module] = (),
+    e820: Sequence[tuple[int, int, int]] | None = None,
+) -> MultibootPlan:
+    """Read ``modules`` and lay out the block for ``image`` in a ``pc`` guest of
+    ``ram_size`` bytes (RAM split as :func:`~kvmkit.runner.loaders.layout.pc_ram_layout`).
+
+    ``cmdline`` is used exactly as given (QEMU passes ``"<image-name> <append>"``);
+    ``e820`` defaults to :func:`~kvmkit.runner.loaders.layout.e820_map` of ``ram_size``.
+    Raises :class:`ImageError` when a module cannot be read or something does not fit in
+    the RAM below 4 GiB (naming the module when it is one).
+    """
+    segments = [s for s in image.segments if s.memsz]
+    low_ram = min(pc_ram_layout(ram_size).below_4g, _4G)
+    mmap = list(e820 if e820 is not None else e820_map(ram_size))
+    image_ranges = [(s.addr, s.end) for s in segments]
+    load_addr = min(s.addr for s in segments)
+    area = load_addr + _align(image.end - load_addr, PAGE)
+
+    # ---- strings and module table, right after the image ----------------------------
+    table_at = area
+    strings_at = table_at + MOD_ENTRY_SIZE * len(modules)
+    strings = bytearray()
+
+    def add_string(raw: bytes) -> int:
+        addr = strings_at + len(strings)
+        strings.extend(raw)
+        return addr
+
+    mod_strings = [add_string(_c_string(m.path, "the module string", m.cmdline)) for m in modules]
+    cmdline_addr = add_string(_c_string(image.path, "the command line", cmdline))
+    name_addr = add_string(_c_string(image.path, "the boot loader name", BOOTLOADER_NAME))
+    area_end = strings_at + len(strings)
+    mmap_bytes = b"".join(
+        struct.pack("<IQQI", MMAP_ENTRY_SIZE - 4, base, length, kind) for base, length, kind in mmap
+    )
+    contents: list[bytes] = []
+    for module in modules:  # at most the RAM below 4 GiB, all modules together
+        budget = low_ram - sum(len(c) for c in contents)
+        contents.append(read_regular_file(module.path, limit=max(budget, 0), what="module"))
+    low_block = (MMAP_ADDR, INFO_ADDR + MBI_SIZE)
+    fits_low = len(mmap_bytes) <= INFO_ADDR - MMAP_ADDR
+    for appended in (False, True):
+        if appended or not fits_low or _overlaps(*low_block, image_ranges):
+            appended = True
+            mmap_addr = _align(area_end, 8)
+            info_addr = mmap_addr + len(mmap_bytes)
+            block_end = info_addr + MBI_SIZE
+        else:
+            mmap_addr, info_addr, block_end = MMAP_ADDR, INFO_ADDR, area_end
+        placed = _place_modules(modules, contents, _align(block_end, PAGE), low_ram)
+        ranges = [(area, block_end)] + [
+            (start, max(start + len(d), start + 1)) for start, d in placed
+        ]
+        if appended or not _overlaps(*low_block, ranges):
+            break
+    if not appended:
+        ranges.append(low_block)
+    if block_end > low_ram:
+        raise ImageError(
+            image.path,
+            f"the multiboot information ({block_end - area:#x} bytes at {area:#x}, after the "
+            f"image) does not fit in the guest's {low_ram:#x} bytes of RAM below 4 GiB; give "
+            "the guest more memory",
+        )
+    table = b"".join(
+        struct.pack("<4I", start, start + len(data), string_addr, 0)
+        for (start, data), string_addr in zip(placed, mod_strings, strict=True)
+    )
+    writes = [(start, data) for start, data in placed]
+
+    info = bytearray(MBI_SIZE)
+    struct.pack_into("<4I", info, 0, MBI_FLAGS, MEM_LOWER_KIB, mem_upper_kib(mmap), BOOT_DEVICE)
+    struct.pack_into("<III", info, 16, cmdline_addr, len(modules), table_at)
+    struct.pack_into("<II", info, 44, len(mmap_bytes), mmap_addr)
+    struct.pack_into("<I", info, 64, name_addr)
+    writes += [
+        (table_at, bytes(table) + bytes(strings)),
+        (mmap_addr, mmap_bytes),
+        (info_addr, bytes(info)),
     ]
-    if ram_size > ONE_MIB:
-        entries.append((ONE_MIB, ram_size - ONE_MIB, MEMORY_AVAILABLE))
-    return entries
-
-
-def _overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
-    return a_start < b_end and b_start < a_end
+    return MultibootPlan(info_addr, ranges, writes, image.path)
 
 
 def build_multiboot_info(
@@ -98,112 +227,12 @@ def build_multiboot_info(
     ram_size: int,
     cmdline: str,
     modules: Sequence[Module] = (),
-    info_addr: int = 0x9000,
-    modules_addr: int | None = None,
+    e820: Sequence[tuple[int, int, int]] | None = None,
 ) -> int:
-    """Load ``modules`` and write the multiboot information block into ``vm``; return its
-    address (what EBX gets; EAX gets :data:`MULTIBOOT_BOOTLOADER_MAGIC`).
-
-    ``cmdline`` is written exactly as given (QEMU passes ``"<image-name> <append>"``).
-    Modules start at ``modules_addr`` (default: after ``max(image.end, 1 MiB)``), rounded
-    up to a page, each on its own page.
-    The caller guarantees ``vm`` maps ``[0, ram_size)`` and has the image placed already
-    or places it afterwards; nothing is written unless everything fits.  Raises
-    :class:`ImageError` when the block does not fit in ``[info_addr, 0x10000)``, overlaps
-    the image, or a module cannot be read or does not fit in guest RAM (naming the module).
-    """
-    if info_addr % 8 or info_addr < 0:
-        raise RunnerError(f"info_addr {info_addr:#x} must be a non-negative multiple of 8")
-    if ram_size < ONE_MIB:
-        raise ImageError(
-            image.path,
-            f"a multiboot boot needs at least 1 MiB of guest RAM, the guest has {ram_size:#x}",
-        )
-    # ---- modules: read them and choose their addresses ---------------------------------
-    mod_data: list[tuple[Module, bytes]] = []
-    for module in modules:
-        try:
-            mod_data.append((module, Path(module.path).read_bytes()))
-        except OSError as exc:
-            raise ImageError(module.path, f"cannot read module: {exc.strerror or exc}") from exc
-    ram_limit = min(ram_size, 1 << 32)  # mod_start and mod_end are 32-bit
-    next_addr = _align(modules_addr if modules_addr is not None else max(image.end, ONE_MIB), PAGE)
-    # (module, contents, start, end) with end exclusive
-    placed: list[tuple[Module, bytes, int, int]] = []
-    for module, data in mod_data:
-        start, end = next_addr, next_addr + len(data)
-        if end > ram_limit:
-            raise ImageError(
-                module.path,
-                f"module ({len(data):#x} bytes) at {start:#x}-{end - 1:#x} does not fit in "
-                f"guest RAM ({ram_size:#x} bytes{', 4 GiB usable' if ram_size > ram_limit else ''}"
-                "); give the guest more memory",
-            )
-        for seg in image.segments:
-            if seg.memsz and _overlap(start, max(end, start + 1), seg.addr, seg.end):
-                raise ImageError(
-                    module.path,
-                    f"module at {start:#x}-{end - 1:#x} overlaps image segment {seg.describe()}",
-                )
-        placed.append((module, data, start, end))
-        next_addr = _align(end, PAGE)
-
-    # ---- the block: info, memory map, module table, strings ----------------------------
-    mmap = memory_map(ram_size)
-    mmap_addr = info_addr + MBI_SIZE
-    mods_table = mmap_addr + MMAP_ENTRY_SIZE * len(mmap)
-    strings_at = mods_table + MOD_ENTRY_SIZE * len(modules)
-    strings = bytearray()
-
-    def add_string(raw: bytes) -> int:
-        addr = strings_at + len(strings)
-        strings.extend(raw)
-        return addr
-
-    cmdline_addr = add_string(_c_string(image.path, "the command line", cmdline))
-    name_addr = add_string(_c_string(image.path, "the boot loader name", BOOTLOADER_NAME))
-    table = bytearray()
-    for module, _data, start, end in placed:
-        string_addr = add_string(_c_string(module.path, "the module string", module.cmdline))
-        table += struct.pack("<4I", start, end, string_addr, 0)
-    block_end = strings_at + len(strings)
-    if block_end > INFO_LIMIT:
-        raise ImageError(
-            image.path,
-            f"the multiboot information block needs {block_end - info_addr:#x} bytes from "
-            f"{info_addr:#x}, but only {max(INFO_LIMIT - info_addr, 0):#x} fit below "
-            f"{INFO_LIMIT:#x}: shorten the command line or module strings, or use fewer modules",
-        )
-    for seg in image.segments:
-        if seg.memsz and _overlap(info_addr, block_end, seg.addr, seg.end):
-            raise ImageError(
-                image.path,
-                f"the multiboot information block {info_addr:#x}-{block_end - 1:#x} overlaps "
-                f"image segment {seg.describe()}; choose another info_addr",
-            )
-    for module, _data, start, end in placed:
-        if _overlap(info_addr, block_end, start, max(end, start + 1)):
-            raise ImageError(
-                module.path,
-                f"module at {start:#x}-{end - 1:#x} overlaps the multiboot information block "
-                f"{info_addr:#x}-{block_end - 1:#x}",
-            )
-
-    info = bytearray(MBI_SIZE)
-    mem_upper = (min(ram_size, _BELOW_4G_RAM) - ONE_MIB) // 1024
-    struct.pack_into("<III", info, 0, MBI_FLAGS, 640, mem_upper)
-    struct.pack_into("<III", info, 16, cmdline_addr, len(modules), mods_table)
-    struct.pack_into("<II", info, 44, MMAP_ENTRY_SIZE * len(mmap), mmap_addr)
-    struct.pack_into("<I", info, 64, name_addr)
-    mmap_bytes = b"".join(
-        struct.pack("<IQQI", MMAP_ENTRY_SIZE - 4, base, length, kind) for base, length, kind in mmap
+    """Plan (:func:`plan_multiboot_info`) and write the block into ``vm``; return its
+    address (what EBX gets; EAX gets :data:`MULTIBOOT_BOOTLOADER_MAGIC`).  The caller
+    guarantees ``vm`` maps the RAM below 4 GiB; nothing is written unless all fits."""
+    plan = plan_multiboot_info(
+        image, ram_size=ram_size, cmdline=cmdline, modules=modules, e820=e820
     )
-    try:
-        for _module, data, start, _end in placed:
-            write_guest(vm, start, data)
-        write_guest(vm, info_addr, bytes(info) + mmap_bytes + bytes(table) + bytes(strings))
-    except GuestMemoryAccessError as exc:
-        raise ImageError(
-            image.path, f"guest memory does not cover the multiboot information: {exc}"
-        ) from exc
-    return info_addr
+    return plan.write(vm)
