@@ -29,7 +29,8 @@
  *           before the exit write).  Label strings are not NUL-terminated.
  *   0x0510  fw_cfg selector (16-bit write); 0x0511 fw_cfg data (byte reads).
  *           keys: 0x05 number of CPUs (u16 LE), 0x03 RAM size (u64 LE).
- *   0x0600  io-storm's port: written with `outb`, nothing reads it.  The runner should
+ *   0x0700  io-storm's port: written with `outb`, nothing reads it (unassigned on QEMU's pc and
+ *           on the runner: 0x600-0x60b are the ACPI PM registers).  The runner should
  *           claim it as a counting sink (or leave it unclaimed; then --strict trips on it).
  *
  * Memory (guest-physical, identity-mapped by the guest's own page tables)
@@ -89,7 +90,7 @@
 #define KK_PORT_FW_CFG_DATA 0x0511
 #define KK_FW_CFG_RAM_SIZE 0x03
 #define KK_FW_CFG_NB_CPUS 0x05
-#define KK_IO_STORM_PORT 0x0600
+#define KK_IO_STORM_PORT 0x0700
 #define KK_MMIO_STORM_ADDR 0xd0000000UL
 #define KK_LAPIC_BASE 0xfee00000UL
 #define KK_AP_TRAMPOLINE_ADDR 0x8000

@@ -69,6 +69,13 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="multiboot module (repeatable)",
     )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        choices=["pc-testdev", "pci-testdev"],
+        help="add one of QEMU's test devices (repeatable; off by default, as in QEMU)",
+    )
     p.add_argument("--load-addr", type=lambda s: int(s, 0), help="load address of a flat binary")
     p.set_defaults(func=run)
 
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         modules=[Path(m) for m in args.module],
         load_addr=args.load_addr,
+        devices=args.device,
         echo=sys.stderr if args.json else sys.stdout,  # with --json, stdout is the JSON
     )
     try:

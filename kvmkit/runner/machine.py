@@ -5,6 +5,7 @@ Guest-physical layout (RAM starts at 0; above 3 GiB it continues at 4 GiB, leavi
 hole where the LAPIC, IOAPIC and MMIO devices live)::
 
     0x009000-0x00ffff  multiboot info block (multiboot images)
+    0x0f0000-0x0fffff  ACPI tables (RSDP at 0xf0000), see runner.platform
     0x020000-0x02afff  runner's GDT, IDT, TSS (+I/O bitmap), page tables (protected/long)
     0x070000-0x07ffff  initial stack (top 0x80000) for ELF and flat images
     0x100000-          the image (multiboot kernels load here)
@@ -34,6 +35,7 @@ from kvmkit.runner.devices.hypercalls import HYPERCALL_BASE, HYPERCALL_COUNT
 from kvmkit.runner.devices.uart import COM1_PORT
 from kvmkit.runner.errors import RunnerError
 from kvmkit.runner.loop import Outcome, VcpuLoop
+from kvmkit.runner.platform import KvmInterruptLines, install_pc_platform
 from kvmkit.runner.stats import RunStats
 
 MiB = 1 << 20
@@ -69,6 +71,7 @@ class RunConfig:
     append: str = ""
     modules: Sequence[Path] = ()
     load_addr: int | None = None
+    devices: Sequence[str] = ()  # optional platform devices: pc-testdev, pci-testdev
     echo: TextIO | None = field(default_factory=lambda: sys.stdout)
 
 
@@ -172,12 +175,20 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     try:
         with kvm.create_vm() as vm:
             _add_ram(vm, config.mem_size)
-            if config.vcpus > 1:
-                vm.create_irqchip()  # LAPICs: INIT/SIPI and IPIs between vCPUs
+            vm.create_irqchip()  # PIC, IOAPIC, LAPICs, as every VMM does for any vCPU count
+            vm.create_pit2()
             vm.set_tss_addr(TSS_ADDR)
             place(image, vm)
             ctx = RunContext(vm, echo=config.echo)
             bus = build_bus(ctx, mem_size=config.mem_size, vcpus=config.vcpus)
+            platform = install_pc_platform(
+                bus,
+                vm,
+                KvmInterruptLines(vm),
+                mem_size=config.mem_size,
+                vcpus=config.vcpus,
+                devices=config.devices,
+            )
             cpuid = kvm.supported_cpuid()
             vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
             boot = vcpus[0]
@@ -200,7 +211,10 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
                 raise RunnerError("--module and --append only apply to multiboot images")
             for i, vcpu in enumerate(vcpus):
                 vcpu.set_cpuid2(with_apic_id(cpuid, i))
-            return _run_vcpus(config, ctx, bus, vcpus, image.kind, mode)
+            try:
+                return _run_vcpus(config, ctx, bus, vcpus, image.kind, mode)
+            finally:
+                platform.close()
     finally:
         if own_kvm:
             kvm.close()
