@@ -18,11 +18,13 @@ and the ACPI tables that describe them in guest memory.
 and, when asked (``devices=("pc-testdev", "pci-testdev")``, as QEMU's ``-device``),
 QEMU's test devices.  The tables go at 0xF0000 (see :mod:`kvmkit.runner.devices.acpi`).
 The in-kernel irqchip and PIT must exist before (``Vm.create_irqchip``,
-``Vm.create_pit2``): the MADT describes them.
+``Vm.create_pit2``): the MADT describes them, and the GSI routing is set to QEMU's (ISA
+IRQ 0 on IOAPIC pin 2) to match it.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +71,40 @@ from kvmkit.runner.irq import InterruptLines, check_gsi
 
 #: The optional devices, by the name ``--device`` takes (QEMU's).
 OPTIONAL_DEVICES: tuple[str, ...] = ("pc-testdev", "pci-testdev")
+
+
+#: ``_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`` (the header struct is 8 bytes).
+_KVM_SET_GSI_ROUTING = (1 << 30) | (8 << 16) | (0xAE << 8) | 0x6A
+_IRQCHIP_PIC_MASTER, _IRQCHIP_PIC_SLAVE, _IRQCHIP_IOAPIC = 0, 1, 2
+_ROUTING_IRQCHIP = 1
+
+
+def pc_gsi_routes() -> list[tuple[int, int, int]]:
+    """``(gsi, irqchip, pin)`` as QEMU's ``kvm_pc_setup_irq_routing``: GSIs 0-15 except 2
+    on the PICs, GSI 0 on IOAPIC pin 2 (the MADT's IRQ 0 -> GSI 2 override: the PIT's
+    interrupt reaches pin 2), GSIs 1 and 3-23 on the pin of their number."""
+    routes = [
+        (i, _IRQCHIP_PIC_MASTER if i < 8 else _IRQCHIP_PIC_SLAVE, i % 8) for i in range(16) if i != 2
+    ]
+    routes.append((0, _IRQCHIP_IOAPIC, 2))
+    routes += [(i, _IRQCHIP_IOAPIC, i) for i in range(1, 24) if i != 2]
+    return routes
+
+
+def set_pc_gsi_routing(vm: Vm) -> None:
+    """``KVM_SET_GSI_ROUTING`` with :func:`pc_gsi_routes`.  KVM's default table sends GSI 0
+    to IOAPIC pin 0, which would contradict the MADT.  (Issued here until the KVM layer has
+    a routing call; the caller must have created the irqchip.)"""
+    import fcntl
+
+    routes = pc_gsi_routes()
+    buf = bytearray(struct.pack("<II", len(routes), 0))
+    for gsi, chip, pin in routes:
+        buf += struct.pack("<IIII", gsi, _ROUTING_IRQCHIP, 0, 0) + struct.pack("<II24x", chip, pin)
+    try:
+        fcntl.ioctl(vm.fd, _KVM_SET_GSI_ROUTING, buf, True)  # a mutable buffer: no size limit
+    except OSError as exc:
+        raise RunnerError(f"KVM_SET_GSI_ROUTING on {vm!r} failed: {exc.strerror}") from exc
 
 
 class KvmInterruptLines:
@@ -138,6 +174,8 @@ def install_pc_platform(
     or tables that do not fit, :class:`~kvmkit.runner.errors.BusError` for a port or
     range already claimed."""
     extra = check_device_names(devices)
+    if getattr(vm, "has_irqchip", False):
+        set_pc_gsi_routing(vm)
     tables = build_acpi_tables(vcpus=vcpus, mem_size=mem_size)
     rtc = CmosRtc(irq, mem_size=mem_size, vcpus=vcpus)
     pm1, pmtimer = AcpiPm1(), AcpiPmTimer()
