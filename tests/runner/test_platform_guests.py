@@ -1,0 +1,133 @@
+"""The pc platform seen from inside: the bundled platform guests under the runner on the
+real /dev/kvm, the RTC against the host clock, the platform installed on a real VM, and
+the --device option."""
+
+from __future__ import annotations
+
+import calendar
+import re
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvmkit.kvm import Kvm
+from kvmkit.runner.bus import Bus
+from kvmkit.runner.errors import BusError, RunnerError
+from kvmkit.runner.machine import RunResult
+from kvmkit.runner.platform import (
+    KvmInterruptLines,
+    install_pc_platform,
+    pc_gsi_routes,
+)
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_timers_lapic_pit_pic_ioapic_and_hlt(
+    guest_image: Callable[[str], Path], run_image: Callable[..., RunResult], cpus: int
+) -> None:
+    r = run_image(guest_image("timers"), vcpus=cpus)
+    assert (r.reason, r.exit_code) == ("exit", 0), r.console
+    assert r.console.count(": yes\n") == 4 and ": no" not in r.console
+
+
+def test_rtc_reads_the_host_clock_and_interrupts(
+    guest_image: Callable[[str], Path], run_image: Callable[..., RunResult]
+) -> None:
+    before = time.time()
+    r = run_image(guest_image("rtc"))
+    after = time.time()
+    assert (r.reason, r.exit_code) == ("exit", 0), r.console
+    m = re.search(r"^rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)$", r.console, re.M)
+    assert m, r.console
+    guest = calendar.timegm(tuple(int(x) for x in m.groups()) + (0, 0, 0))  # type: ignore[arg-type]
+    assert before - 2 <= guest <= after + 2, (m.group(0), before, after)
+    assert "update-ended interrupt on irq 8: yes" in r.console
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_acpi_tables_walked_by_the_guest(
+    guest_image: Callable[[str], Path], run_image: Callable[..., RunResult], cpus: int
+) -> None:
+    r = run_image(guest_image("acpi"), vcpus=cpus)
+    assert (r.reason, r.exit_code) == ("exit", 0), r.console
+    assert f"madt: {cpus} local apics (matches fw_cfg's cpu count)" in r.console
+    assert "pm timer at port 0x608" in r.console and "pm timer advances: yes" in r.console
+
+
+def test_pci_scan_and_pci_testdev(
+    guest_image: Callable[[str], Path], run_image: Callable[..., RunResult]
+) -> None:
+    r = run_image(guest_image("pci"))
+    assert (r.reason, r.exit_code) == ("exit", 0), r.console
+    assert r.console.startswith("pci: 00:00.0 8086:1237 class 600 header type 0\n")
+    r = run_image(guest_image("pci"), append="testdev=1", devices=("pci-testdev",))
+    assert (r.reason, r.exit_code) == ("exit", 0), r.console
+    assert "mmio test count 1, portio test count 1" in r.console
+    r = run_image(guest_image("pci"), append="testdev=1")  # not asked for: not there
+    assert (r.reason, r.exit_code) == ("exit", 1) and "no pci-testdev" in r.console
+
+
+def test_install_writes_the_tables_and_claims_the_ports(require_kvm: None) -> None:
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.add_memory(0, 16 * MiB)
+        vm.create_irqchip()
+        vm.create_pit2()
+        bus = Bus()
+        platform = install_pc_platform(
+            bus, vm, KvmInterruptLines(vm), mem_size=16 * MiB, vcpus=2, devices=["pc-testdev"]
+        )
+        try:
+            rsdp = vm.read(platform.acpi.rsdp, 36)
+            assert rsdp[:8] == b"RSD PTR " and sum(rsdp) % 256 == 0
+            madt = platform.acpi.addresses["APIC"]
+            length = struct.unpack("<I", vm.read(madt + 4, 4))[0]
+            assert sum(vm.read(madt, length)) % 256 == 0
+            for port in (0x60, 0x64, 0x70, 0x71, 0x80, 0x92, 0x600, 0x604, 0x608, 0xCF8, 0xCF9,
+                         0xCFC, 0xCFF, 0xE0, 0x2000, 0x2017):  # fmt: skip
+                assert port in bus.ports, hex(port)
+            assert 0x700 not in bus.ports  # io-storm's port stays unclaimed
+            assert bus.mmio_device(0xFF000000) is platform.devices["pc-testdev"]
+            platform.devices["pc-testdev"].io_out(0x2005, 1, b"\x01")  # KVM_IRQ_LINE
+            state = platform.save()
+            platform.load(state)
+            with pytest.raises(RunnerError, match="lacks"):
+                platform.load({"nonesuch": {}})
+        finally:
+            platform.close()
+        with pytest.raises(BusError, match="already claimed"):
+            install_pc_platform(bus, vm, KvmInterruptLines(vm), mem_size=16 * MiB, vcpus=1)
+
+
+def test_routing_sends_irq0_to_ioapic_pin_2_as_the_madt_says() -> None:
+    routes = pc_gsi_routes()
+    assert (0, 2, 2) in routes and (0, 0, 0) in routes
+    assert not [r for r in routes if r[0] == 2]
+    assert (8, 1, 0) in routes and (8, 2, 8) in routes
+
+
+@pytest.mark.parametrize(
+    ("devices", "match"),
+    [(["floppy"], "unknown device"), (["pc-testdev", "pc-testdev"], "given twice")],
+)
+def test_bad_device_lists_are_refused(require_kvm: None, devices: list[str], match: str) -> None:
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vm.add_memory(0, 16 * MiB)
+        with pytest.raises(RunnerError, match=match):
+            install_pc_platform(Bus(), vm, KvmInterruptLines(vm), mem_size=16 * MiB, vcpus=1, devices=devices)
+
+
+def test_cli_device_option(guest_image: Callable[[str], Path]) -> None:
+    run = [sys.executable, "-m", "kvmkit", "run", "pci", "--timeout", "60"]
+    ok = subprocess.run(
+        [*run, "--device", "pci-testdev", "--append", "testdev=1"], capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0 and "portio test count 1" in ok.stdout, ok.stderr
+    bad = subprocess.run([*run, "--device", "floppy"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
