@@ -32,7 +32,7 @@ from typing import Any
 from kvmkit.kvm import Vm
 from kvmkit.runner.bus import Bus
 from kvmkit.runner.devices.acpi import AcpiTables, build_acpi_tables
-from kvmkit.runner.devices.i8042 import DATA_PORT, STATUS_PORT, I8042
+from kvmkit.runner.devices.i8042 import DATA_PORT, I8042, STATUS_PORT
 from kvmkit.runner.devices.pci import PciBus
 from kvmkit.runner.devices.pmtimer import (
     PM1_CNT_LEN,
@@ -84,7 +84,9 @@ def pc_gsi_routes() -> list[tuple[int, int, int]]:
     on the PICs, GSI 0 on IOAPIC pin 2 (the MADT's IRQ 0 -> GSI 2 override: the PIT's
     interrupt reaches pin 2), GSIs 1 and 3-23 on the pin of their number."""
     routes = [
-        (i, _IRQCHIP_PIC_MASTER if i < 8 else _IRQCHIP_PIC_SLAVE, i % 8) for i in range(16) if i != 2
+        (i, _IRQCHIP_PIC_MASTER if i < 8 else _IRQCHIP_PIC_SLAVE, i % 8)
+        for i in range(16)
+        if i != 2
     ]
     routes.append((0, _IRQCHIP_IOAPIC, 2))
     routes += [(i, _IRQCHIP_IOAPIC, i) for i in range(1, 24) if i != 2]

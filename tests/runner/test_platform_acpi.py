@@ -88,7 +88,13 @@ def test_madt_has_a_lapic_per_vcpu_the_ioapic_and_qemus_overrides() -> None:
     ioapics = [struct.unpack_from("<BBII", e, 2) for k, e in entries if k == 1]
     assert ioapics == [(0, 0, IOAPIC_ADDR, 0)]
     isos = [struct.unpack_from("<BBIH", e, 2) for k, e in entries if k == 2]
-    assert isos == [(0, 0, 2, 0), (0, 5, 5, 0xD), (0, 9, 9, 0xD), (0, 10, 10, 0xD), (0, 11, 11, 0xD)]
+    assert isos == [
+        (0, 0, 2, 0),
+        (0, 5, 5, 0xD),
+        (0, 9, 9, 0xD),
+        (0, 10, 10, 0xD),
+        (0, 11, 11, 0xD),
+    ]
     assert [k for k, _ in entries].count(4) == 1
 
 

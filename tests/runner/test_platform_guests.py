@@ -120,13 +120,18 @@ def test_bad_device_lists_are_refused(require_kvm: None, devices: list[str], mat
     with Kvm() as kvm, kvm.create_vm() as vm:
         vm.add_memory(0, 16 * MiB)
         with pytest.raises(RunnerError, match=match):
-            install_pc_platform(Bus(), vm, KvmInterruptLines(vm), mem_size=16 * MiB, vcpus=1, devices=devices)
+            install_pc_platform(
+                Bus(), vm, KvmInterruptLines(vm), mem_size=16 * MiB, vcpus=1, devices=devices
+            )
 
 
 def test_cli_device_option(guest_image: Callable[[str], Path]) -> None:
     run = [sys.executable, "-m", "kvmkit", "run", "pci", "--timeout", "60"]
     ok = subprocess.run(
-        [*run, "--device", "pci-testdev", "--append", "testdev=1"], capture_output=True, text=True, timeout=120
+        [*run, "--device", "pci-testdev", "--append", "testdev=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0 and "portio test count 1" in ok.stdout, ok.stderr
     bad = subprocess.run([*run, "--device", "floppy"], capture_output=True, text=True, timeout=60)

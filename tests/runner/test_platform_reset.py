@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmkit.runner.devices.i8042 import QUEUE_LIMIT, I8042
+from kvmkit.runner.devices.i8042 import I8042, QUEUE_LIMIT
 from kvmkit.runner.devices.reset import (
     Port92,
     PostCodes,

@@ -102,13 +102,29 @@ def test_setting_the_clock_under_set_then_it_runs_from_there() -> None:
     clock = Clock(T0)
     dev = rtc(clock)
     write(dev, REG_B, 0x82)  # SET, 24 h
-    for reg, value in ((0x32, 0x19), (9, 0x99), (8, 0x12), (7, 0x31), (4, 0x23), (2, 0x59), (0, 0x58)):
+    for reg, value in (
+        (0x32, 0x19),
+        (9, 0x99),
+        (8, 0x12),
+        (7, 0x31),
+        (4, 0x23),
+        (2, 0x59),
+        (0, 0x58),
+    ):
         write(dev, reg, value)
     clock.ns += 5 * 10**9  # frozen while SET
     assert read(dev, 0) == 0x58
     write(dev, REG_B, 0x02)
     clock.ns += 2 * 10**9
-    assert [read(dev, r) for r in (0, 2, 4, 7, 8, 9, 0x32)] == [0x00, 0x00, 0x00, 0x01, 0x01, 0x00, 0x20]  # 2000-01-01
+    assert [read(dev, r) for r in (0, 2, 4, 7, 8, 9, 0x32)] == [
+        0x00,
+        0x00,
+        0x00,
+        0x01,
+        0x01,
+        0x00,
+        0x20,
+    ]  # 2000-01-01
 
 
 def test_update_in_progress_only_in_the_last_244_us_of_a_second() -> None:

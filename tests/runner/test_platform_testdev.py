@@ -91,7 +91,13 @@ def test_pci_testdev_mmio_and_portio_tests_count_matching_writes() -> None:
     assert header(dev, 0)[4] == 1
     dev.write(1, 0, b"\x01")  # portio-wildcard-eventfd
     test, _, offset, data, count, name = header(dev, 1)
-    assert (test, offset, data, count, name) == (4, IOTEST_IOSIZE + 4, IOTEST_NOMATCH, 0, b"portio-wildcard-eventfd")
+    assert (test, offset, data, count, name) == (
+        4,
+        IOTEST_IOSIZE + 4,
+        IOTEST_NOMATCH,
+        0,
+        b"portio-wildcard-eventfd",
+    )
     for value in (1, 2, 3):
         dev.write(1, offset, bytes([value]))
     assert header(dev, 1)[4] == 3

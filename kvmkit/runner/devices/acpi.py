@@ -138,7 +138,9 @@ def build_madt(vcpus: int) -> bytes:
 
 def build_rsdp(*, rsdt: int, xsdt: int) -> bytes:
     """RSDP revision 2: the 20-byte ACPI 1.0 part and the extended checksum."""
-    rsdp = bytearray(struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, OEM_ID, 2, rsdt, 36, xsdt, 0, b""))
+    rsdp = bytearray(
+        struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, OEM_ID, 2, rsdt, 36, xsdt, 0, b"")
+    )
     rsdp[8] = checksum(bytes(rsdp[:20]))
     rsdp[32] = checksum(bytes(rsdp))
     return bytes(rsdp)
@@ -185,7 +187,9 @@ def build_acpi_tables(
             f"{RSDP_SEARCH[0]:#x}-{RSDP_SEARCH[1] - 1:#x}"
         )
     if mem_size < limit:
-        raise RunnerError(f"ACPI: {mem_size} bytes of RAM do not reach {limit:#x}, where the tables go")
+        raise RunnerError(
+            f"ACPI: {mem_size} bytes of RAM do not reach {limit:#x}, where the tables go"
+        )
     addresses: dict[str, int] = {}
     parts: list[tuple[int, bytes]] = []
     cursor = base

@@ -80,7 +80,13 @@ class I8042:
         self.pending = 0
         if cmd == CMD_READ_MODE:
             self.queue.append(self.mode)
-        elif cmd in (CMD_WRITE_MODE, CMD_WRITE_OUTPORT, CMD_WRITE_OBUF, CMD_WRITE_AUX_OBUF, CMD_WRITE_AUX):
+        elif cmd in (
+            CMD_WRITE_MODE,
+            CMD_WRITE_OUTPORT,
+            CMD_WRITE_OBUF,
+            CMD_WRITE_AUX_OBUF,
+            CMD_WRITE_AUX,
+        ):
             self.pending = cmd
         elif cmd == CMD_SELF_TEST:
             self.queue.append(0x55)

@@ -248,7 +248,9 @@ class PciBus:
                 window_end = (PCI_MMIO_WINDOW if bar.kind == "mmio" else PCI_IO_WINDOW)[1]
                 addr = (self._next[bar.kind] + bar.size - 1) & ~(bar.size - 1)
                 if addr + bar.size > window_end:
-                    raise BusError(f"{function.name}: no room for BAR {bar.index} ({bar.size:#x} bytes)")
+                    raise BusError(
+                        f"{function.name}: no room for BAR {bar.index} ({bar.size:#x} bytes)"
+                    )
                 self._next[bar.kind] = addr + bar.size
                 function.write_config(PCI_BAR0 + 4 * bar.index, 4, addr)
             if function.bars:
