@@ -13,6 +13,10 @@
 #define LAPIC_TPR 0x080
 #define LAPIC_EOI 0x0b0
 #define LAPIC_SVR 0x0f0
+#define LAPIC_ICR_LOW 0x300
+#define ICR_DELIVERY_PENDING (1u << 12)
+#define ICR_INIT_OTHERS 0x000c4500 /* all excluding self, level assert, INIT */
+#define ICR_SIPI_OTHERS 0x000c4600 /* all excluding self, level assert, start-up | vector */
 #define LAPIC_LVT_TIMER 0x320
 #define LAPIC_LVT_LINT0 0x350
 #define LAPIC_LVT_LINT1 0x360
@@ -147,6 +151,23 @@ static inline int wait_irq_or_watchdog(u32 vector, u32 watchdog_vector, u32 seco
         kk_wait_for_interrupt();
     lapic_write(LAPIC_TIMER_INITIAL, 0);
     return kk_irq_count[vector] != before;
+}
+
+extern const u8 kk_trampoline_start[], kk_trampoline_end[];
+
+/* Start every other CPU with INIT, SIPI, SIPI (broadcast to all but self): each runs the
+ * runtime's trampoline and then the program's kk_ap_main(index). */
+static inline void pc_start_aps(void)
+{
+    memcpy((void *)KK_AP_TRAMPOLINE_ADDR, kk_trampoline_start,
+           (u64)(kk_trampoline_end - kk_trampoline_start));
+    u32 icrs[3] = {ICR_INIT_OTHERS, ICR_SIPI_OTHERS | (KK_AP_TRAMPOLINE_ADDR >> 12),
+                   ICR_SIPI_OTHERS | (KK_AP_TRAMPOLINE_ADDR >> 12)};
+    for (int i = 0; i < 3; i++) {
+        lapic_write(LAPIC_ICR_LOW, icrs[i]);
+        for (int j = 0; j < 1000 && (lapic_read(LAPIC_ICR_LOW) & ICR_DELIVERY_PENDING); j++)
+            kk_pause();
+    }
 }
 
 static inline void eoi_lapic_handler(u32 vector)

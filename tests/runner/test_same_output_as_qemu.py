@@ -24,6 +24,7 @@ CASES = [
     # the pc platform: interrupt controllers and timers, RTC, ACPI tables, PCI
     ("timers", "", 1),
     ("timers", "", 2),
+    ("timers", "", 4),
     ("rtc", "", 1),
     ("acpi", "", 1),
     ("acpi", "", 3),
