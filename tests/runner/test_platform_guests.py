@@ -17,7 +17,7 @@ import pytest
 
 from kvmkit.kvm import Kvm
 from kvmkit.runner.bus import Bus
-from kvmkit.runner.errors import BusError, RunnerError
+from kvmkit.runner.errors import BusError, GuestCrashError, RunnerError
 from kvmkit.runner.machine import RunResult
 from kvmkit.runner.platform import (
     KvmInterruptLines,
@@ -138,3 +138,31 @@ def test_cli_device_option(guest_image: Callable[[str], Path]) -> None:
     assert ok.returncode == 0 and "portio test count 1" in ok.stdout, ok.stderr
     bad = subprocess.run([*run, "--device", "floppy"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+# A flat long-mode image at 1 MiB that does one port write and halts: the reset and
+# power-off paths end the run instead of leaving it to spin or halt.
+RESET_WRITES = {
+    "cf9": b"\xb0\x06\x66\xba\xf9\x0c\xee",  # mov al,6; mov dx,0xcf9; out dx,al
+    "8042": b"\xb0\xfe\xe6\x64",  # mov al,0xfe; out 0x64,al
+    "port92": b"\xb0\x01\xe6\x92",  # mov al,1; out 0x92,al
+}
+
+
+@pytest.mark.parametrize(("kind", "code"), sorted(RESET_WRITES.items()))
+def test_a_reset_write_ends_the_run_with_a_clear_error(
+    tmp_path: Path, run_image: Callable[..., RunResult], kind: str, code: bytes
+) -> None:
+    image = tmp_path / f"{kind}.bin"
+    image.write_bytes(code + b"\xf4")
+    with pytest.raises(GuestCrashError, match="the guest asked for a machine reset"):
+        run_image(image, load_addr=0x100000)
+
+
+def test_acpi_s5_powers_off_with_status_0(
+    tmp_path: Path, run_image: Callable[..., RunResult]
+) -> None:
+    image = tmp_path / "s5.bin"
+    image.write_bytes(b"\x66\xb8\x01\x20\x66\xba\x04\x06\x66\xef\xf4")  # out 0x604, 0x2001 (S5)
+    r = run_image(image, load_addr=0x100000)
+    assert (r.reason, r.exit_code) == ("exit", 0)
