@@ -28,6 +28,7 @@ from kvmkit.kvm.modes import DEFAULT_TABLES_AT, TABLES_SIZE, Mode, setup_mode
 from kvmkit.runner.bus import Bus
 from kvmkit.runner.context import RunContext
 from kvmkit.runner.devices import DebugConsole, DebugExit, FwCfg, Hypercalls, Uart8250
+from kvmkit.runner.devices.acpi import ACPI_BASE, ACPI_LIMIT
 from kvmkit.runner.devices.debugcon import DEBUGCON_PORT
 from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
 from kvmkit.runner.devices.fwcfg import FW_CFG_PORT_SEL
@@ -151,7 +152,11 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
         raise RunnerError(f"--vcpus {config.vcpus}: give 1 to 255")
     if config.cpl not in (0, 3):
         raise RunnerError(f"--cpl {config.cpl}: give 0 or 3")
-    reserved = [(DEFAULT_TABLES_AT, DEFAULT_TABLES_AT + TABLES_SIZE), STACK_RESERVED]
+    reserved = [
+        (DEFAULT_TABLES_AT, DEFAULT_TABLES_AT + TABLES_SIZE),
+        STACK_RESERVED,
+        (ACPI_BASE, ACPI_LIMIT),  # the platform's ACPI tables
+    ]
     image = load_image(
         config.image,
         ram_size=min(config.mem_size, LOW_RAM_LIMIT),

@@ -17,7 +17,7 @@ import pytest
 
 from kvmkit.kvm import Kvm
 from kvmkit.runner.bus import Bus
-from kvmkit.runner.errors import BusError, GuestCrashError, RunnerError
+from kvmkit.runner.errors import BusError, GuestCrashError, ImageError, RunnerError
 from kvmkit.runner.machine import RunResult
 from kvmkit.runner.platform import (
     KvmInterruptLines,
@@ -166,3 +166,12 @@ def test_acpi_s5_powers_off_with_status_0(
     image.write_bytes(b"\x66\xb8\x01\x20\x66\xba\x04\x06\x66\xef\xf4")  # out 0x604, 0x2001 (S5)
     r = run_image(image, load_addr=0x100000)
     assert (r.reason, r.exit_code) == ("exit", 0)
+
+
+def test_an_image_over_the_acpi_tables_is_refused(
+    tmp_path: Path, run_image: Callable[..., RunResult]
+) -> None:
+    image = tmp_path / "low.bin"
+    image.write_bytes(b"\xf4" * 16)
+    with pytest.raises(ImageError, match="0xf0000"):
+        run_image(image, load_addr=0xF0000)

@@ -145,6 +145,7 @@ class CmosRtc:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._next_periodic_ns = 0
+        self._last_second: int | None = None  # guest second at the last look for UF/AF
 
     # ---- the guest's view ---------------------------------------------------------
     def io_out(self, port: int, size: int, data: bytes) -> None:
@@ -306,7 +307,7 @@ class CmosRtc:
                 self._next_periodic_ns = now_host + period  # missed ticks are dropped
         if self.frozen_ns is None and (self.nvram[REG_A] & 0x70) == 0x20:
             second = (now_host + self.offset_ns) // 1_000_000_000
-            last = getattr(self, "_last_second", None)
+            last = self._last_second
             if last is not None and second != last:
                 self.nvram[REG_C] |= REG_C_UF
                 if self._alarm_matches(self._time_fields(second * 1_000_000_000)):
