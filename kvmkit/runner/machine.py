@@ -5,7 +5,7 @@ Guest-physical layout (RAM starts at 0; above 3 GiB it continues at 4 GiB, leavi
 hole where the LAPIC, IOAPIC and MMIO devices live)::
 
     0x009000-0x00ffff  multiboot info block (multiboot images)
-    0x0f0000-0x0fffff  ACPI tables (RSDP at 0xf0000), see runner.platform
+    0x0f0000-          ACPI tables (RSDP at 0xf0000; 676 bytes for 1 vCPU), see runner.platform
     0x020000-0x02afff  runner's GDT, IDT, TSS (+I/O bitmap), page tables (protected/long)
     0x070000-0x07ffff  initial stack (top 0x80000) for ELF and flat images
     0x100000-          the image (multiboot kernels load here)
@@ -28,7 +28,7 @@ from kvmkit.kvm.modes import DEFAULT_TABLES_AT, TABLES_SIZE, Mode, setup_mode
 from kvmkit.runner.bus import Bus
 from kvmkit.runner.context import RunContext
 from kvmkit.runner.devices import DebugConsole, DebugExit, FwCfg, Hypercalls, Uart8250
-from kvmkit.runner.devices.acpi import ACPI_BASE, ACPI_LIMIT
+from kvmkit.runner.devices.acpi import acpi_tables_span
 from kvmkit.runner.devices.debugcon import DEBUGCON_PORT
 from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
 from kvmkit.runner.devices.fwcfg import FW_CFG_PORT_SEL
@@ -155,7 +155,7 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     reserved = [
         (DEFAULT_TABLES_AT, DEFAULT_TABLES_AT + TABLES_SIZE),
         STACK_RESERVED,
-        (ACPI_BASE, ACPI_LIMIT),  # the platform's ACPI tables
+        acpi_tables_span(config.vcpus),  # the platform's ACPI tables (from 0xf0000)
     ]
     image = load_image(
         config.image,

@@ -221,3 +221,10 @@ def build_acpi_tables(
     for addr, data in parts:
         blob[addr - base : addr - base + len(data)] = data
     return AcpiTables(base=base, blob=bytes(blob), addresses=addresses)
+
+
+def acpi_tables_span(vcpus: int) -> tuple[int, int]:
+    """The half-open guest-physical range the tables for ``vcpus`` vCPUs occupy (what a
+    loader must keep free); raises as :func:`build_acpi_tables` does."""
+    tables = build_acpi_tables(vcpus=vcpus, mem_size=ACPI_LIMIT)
+    return tables.base, tables.end
