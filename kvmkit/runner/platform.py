@@ -10,7 +10,7 @@ and the ACPI tables that describe them in guest memory.
 0x92           System Control Port A (A20, fast reset)
 0x600-0x605    ACPI PM1a event and control blocks (S5 ends the run)
 0x608-0x60b    ACPI PM timer (24-bit, 3.579545 MHz)
-0xcf8, 0xcfc   PCI configuration mechanism #1, i440FX host bridge at 00:00.0
+0xcf8-0xcff    PCI configuration mechanism #1, i440FX host bridge at 00:00.0
 0xcf9          reset control register
 0xc000-0xffff  PCI I/O BAR window; MMIO 0xe0000000-0xfebfffff the MMIO BAR window
 =============  ==========================================================

@@ -78,7 +78,9 @@ def test_config_address_takes_only_dword_writes() -> None:
     pci = PciBus()
     pci.io_out(0xCF8, 4, cfg_addr(3, 0, 0x10))
     pci.io_out(0xCF8, 1, b"\x00")
+    pci.io_out(0xCFB, 1, b"\x01")  # Linux's pci_check_type1 does this first
     assert pci.io_in(0xCF8, 4) == 0x80001810
+    assert pci.io_in(0xCFA, 2) == 0x8000 and pci.io_in(0xCFB, 1) == 0x80
 
 
 def test_identity_registers_are_read_only() -> None:

@@ -238,3 +238,19 @@ def test_save_and_load() -> None:
     assert (read(other, REG_B), read(other, 4), read(other, 0x50)) == (0x86, 3, 7)
     with pytest.raises(RunnerError, match="128 bytes"):
         other.load({**state, "nvram": [0]})
+
+
+def test_timer_thread_stops_when_raising_irq8_fails() -> None:
+    class Gone(Lines):
+        def set_level(self, gsi: int, level: bool) -> None:
+            super().set_level(gsi, level)
+            raise RunnerError("KVM_IRQ_LINE failed: the VM is closed")
+
+    clock = Clock(T0)
+    lines = Gone()
+    dev = rtc(clock, lines)
+    write(dev, REG_B, 0x12)  # UIE
+    clock.ns += 10**9
+    assert lines.raised.wait(10)
+    dev.close()
+    assert dev.timer_error is not None and "closed" in dev.timer_error

@@ -1,6 +1,7 @@
 """PCI bus 0 behind configuration mechanism #1, with QEMU's i440FX host bridge at 00:00.0.
 
-- Port 0xcf8 is CONFIG_ADDRESS (32-bit accesses only, as ``hw/pci/pci_host.c``; bit 31
+- Port 0xcf8 is CONFIG_ADDRESS (only 32-bit writes change it, as ``hw/pci/pci_host.c``;
+  0xcfa/0xcfb are its upper bytes, readable; bit 31
   enables, then bus, device, function, register); ports 0xcfc-0xcff are CONFIG_DATA, read
   and written as bytes, words or dwords at the offset the low port bits add.  Port 0xcf9
   is not this device's: byte accesses there go to the reset control register.
@@ -219,6 +220,7 @@ class PciBus:
 
     def attach(self, bus: Bus) -> None:
         bus.register_ports(PCI_CONFIG_ADDRESS, 1, self)
+        bus.register_ports(PCI_CONFIG_ADDRESS + 2, 2, self)  # 0xcf9 is the reset register
         bus.register_ports(PCI_CONFIG_DATA, 4, self)
         start, end = PCI_MMIO_WINDOW
         bus.register_mmio(start, end - start, _Window(self, "mmio"))
@@ -283,18 +285,18 @@ class PciBus:
     def io_out(self, port: int, size: int, data: bytes) -> None:
         value = int.from_bytes(data[:size], "little")
         with self._lock:
-            if port == PCI_CONFIG_ADDRESS:
-                if size == 4:
+            if port < PCI_CONFIG_DATA:
+                if port == PCI_CONFIG_ADDRESS and size == 4:
                     self.address = value & 0x80FFFFFC
-                return
+                return  # narrower writes (Linux's type 1 probe writes 0xcfb) change nothing
             function, reg = self._target()
             if function is not None and function.write_config(reg + (port & 3), size, value):
                 self._rebuild()
 
     def io_in(self, port: int, size: int) -> int:
         with self._lock:
-            if port == PCI_CONFIG_ADDRESS:
-                return self.address if size == 4 else (1 << (8 * size)) - 1
+            if port < PCI_CONFIG_DATA:
+                return (self.address >> (8 * (port - PCI_CONFIG_ADDRESS))) & ((1 << (8 * size)) - 1)
             function, reg = self._target()
             if function is None:
                 return (1 << (8 * size)) - 1

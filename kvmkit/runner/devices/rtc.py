@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from kvmkit.errors import KvmkitError
 from kvmkit.runner.errors import RunnerError
 from kvmkit.runner.irq import InterruptLines
 
@@ -146,6 +147,8 @@ class CmosRtc:
         self._closed = False
         self._next_periodic_ns = 0
         self._last_second: int | None = None  # guest second at the last look for UF/AF
+        #: why the timer thread stopped early (raising IRQ 8 failed), else None
+        self.timer_error: str | None = None
 
     # ---- the guest's view ---------------------------------------------------------
     def io_out(self, port: int, size: int, data: bytes) -> None:
@@ -336,7 +339,11 @@ class CmosRtc:
     def _timer(self) -> None:
         with self._lock:
             while not self._closed:
-                self._poll_flags()
+                try:
+                    self._poll_flags()
+                except KvmkitError as exc:  # the VM went away under us: stop, say why
+                    self.timer_error = str(exc)
+                    return
                 delay = (self._next_event_ns() - self._clock()) / 1e9
                 self._wake.wait(max(delay, 0.0005))
 
