@@ -23,7 +23,7 @@ The constants below mirror ``csrc/guests/kvmkit_guest.h``, which documents the A
 - an exception prints ``fault: vector N at RIP 0x...`` and exits with
   :data:`FAULT_EXIT_CODE`; interrupts (vectors :data:`IRQ_FIRST` to :data:`IDT_VECTORS` - 1)
   are taken only inside ``kk_wait_for_interrupt`` (``sti; hlt; cli``);
-- timers, rtc, acpi and pci drive the pc platform (LAPIC, PIC, PIT, IOAPIC at
+- timers, rtc, acpi, pci and testdev (QEMU's pc-testdev) drive the pc platform (LAPIC, PIC, PIT, IOAPIC at
   :data:`IOAPIC_BASE`, CMOS RTC, ACPI tables and PM timer, PCI configuration) and print
   checks that read the same under the kvmkit runner and QEMU's ``pc``;
 - the command line is multiboot's (``"<image> key=value ..."``): ``n=``, ``cpl=0|3``,
@@ -108,6 +108,7 @@ GUEST_NAMES: tuple[str, ...] = (
     "rtc",
     "acpi",
     "pci",
+    "testdev",
 )
 
 # ---- the builder ---------------------------------------------------------------------------

@@ -16,7 +16,9 @@ and the ACPI tables that describe them in guest memory.
 =============  ==========================================================
 
 and, when asked (``devices=("pc-testdev", "pci-testdev")``, as QEMU's ``-device``),
-QEMU's test devices.  The tables go at 0xF0000 (see :mod:`kvmkit.runner.devices.acpi`).
+QEMU's test devices.  pc-testdev's byte-wise window 0xe8-0xeb overlaps the debug console
+at 0xe9: the console keeps 0xe9 (QEMU does the same when ``-device pc-testdev`` comes
+before ``-device isa-debugcon``).  The tables go at 0xF0000 (see :mod:`kvmkit.runner.devices.acpi`).
 The in-kernel irqchip and PIT must exist before (``Vm.create_irqchip``,
 ``Vm.create_pit2``): the MADT describes them, and the GSI routing is set to QEMU's (ISA
 IRQ 0 on IOAPIC pin 2) to match it.
@@ -207,7 +209,9 @@ def install_pc_platform(
             pc_testdev = PcTestdev(irq)
             bus.register_ports(TESTDEV_IOPORT, 4, pc_testdev)
             bus.register_ports(TESTDEV_FLUSH, 4, pc_testdev)
-            bus.register_ports(TESTDEV_IOPORT_BYTE, 4, pc_testdev)
+            for port in range(TESTDEV_IOPORT_BYTE, TESTDEV_IOPORT_BYTE + 4):
+                if port not in bus.ports:  # 0xe9 stays the debug console's, as in QEMU
+                    bus.register_ports(port, 1, pc_testdev)  # when pc-testdev comes first
             bus.register_ports(TESTDEV_IRQ_BASE, TESTDEV_IRQ_COUNT, pc_testdev)
             bus.register_mmio(TESTDEV_IOMEM, TESTDEV_IOMEM_LEN, pc_testdev)
             installed["pc-testdev"] = pc_testdev

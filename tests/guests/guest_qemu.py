@@ -57,8 +57,9 @@ def boot_under_qemu(
         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
         "-smp", str(smp),
     ]  # fmt: skip
-    for device in devices:
-        cmd += ["-device", device]
+    first = cmd.index("-device")  # before isa-debugcon: the console keeps 0xe9 (pc-testdev)
+    for device in reversed(devices):
+        cmd[first:first] = ["-device", device]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

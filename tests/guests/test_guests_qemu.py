@@ -213,3 +213,13 @@ def test_pci_scan_finds_the_i440fx_and_the_testdev(boot: BootFn) -> None:
         head + "pci: pci-testdev found, bars assigned and enabled: yes\n"
         "pci: pci-testdev mmio test count 1, portio test count 1\n",
     )
+
+
+def test_pc_testdev_scratch_memory_and_irq_line(boot: BootFn) -> None:
+    b = boot("testdev", devices=("pc-testdev",))
+    assert (b.status, b.console) == (
+        OK,
+        "testdev: scratch register reads back by dword, word and byte: yes\n"
+        "testdev: iomem keeps what is written: yes\n"
+        "testdev: irq 14 raised by the guest arrives through the ioapic: yes\n",
+    )

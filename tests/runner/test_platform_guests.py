@@ -178,3 +178,13 @@ def test_an_image_over_the_acpi_tables_is_refused(
     image.write_bytes(b"\xb0\x00\xe6\xf4")  # mov al,0; out 0xf4,al: above the tables is fine
     r = run_image(image, load_addr=0xFF000)
     assert (r.reason, r.exit_code) == ("exit", 0)
+
+
+def test_pc_testdev_guest(
+    guest_image: Callable[[str], Path], run_image: Callable[..., RunResult]
+) -> None:
+    r = run_image(guest_image("testdev"), devices=("pc-testdev",))
+    assert (r.reason, r.exit_code) == ("exit", 0), r.console
+    assert r.console.count(": yes\n") == 3
+    r = run_image(guest_image("testdev"))  # off by default: nothing answers there
+    assert (r.reason, r.exit_code) == ("exit", 1) and ": no\n" in r.console
