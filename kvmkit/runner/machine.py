@@ -5,9 +5,9 @@ Guest-physical layout (RAM starts at 0; above 3 GiB it continues at 4 GiB, leavi
 hole where the LAPIC, IOAPIC and MMIO devices live)::
 
     0x009000-0x00ffff  multiboot info block (multiboot images)
-    0x0f0000-          ACPI tables (RSDP at 0xf0000; 676 bytes for 1 vCPU), see runner.platform
     0x020000-0x02afff  runner's GDT, IDT, TSS (+I/O bitmap), page tables (protected/long)
     0x070000-0x07ffff  initial stack (top 0x80000) for ELF and flat images
+    0x0f0000-          ACPI tables (RSDP at 0xf0000; 676 bytes for 1 vCPU), see runner.platform
     0x100000-          the image (multiboot kernels load here)
 """
 
