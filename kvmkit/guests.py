@@ -21,9 +21,13 @@ The constants below mirror ``csrc/guests/kvmkit_guest.h``, which documents the A
   :data:`MMIO_STORM_ADDR`; smp copies its real-mode AP trampoline to
   :data:`AP_TRAMPOLINE_ADDR` and drives the xAPIC at :data:`LAPIC_BASE`;
 - an exception prints ``fault: vector N at RIP 0x...`` and exits with
-  :data:`FAULT_EXIT_CODE`;
+  :data:`FAULT_EXIT_CODE`; interrupts (vectors :data:`IRQ_FIRST` to :data:`IDT_VECTORS` - 1)
+  are taken only inside ``kk_wait_for_interrupt`` (``sti; hlt; cli``);
+- timers, rtc, acpi, pci and testdev (QEMU's pc-testdev) drive the pc platform (LAPIC, PIC, PIT, IOAPIC at
+  :data:`IOAPIC_BASE`, CMOS RTC, ACPI tables and PM timer, PCI configuration) and print
+  checks that read the same under the kvmkit runner and QEMU's ``pc``;
 - the command line is multiboot's (``"<image> key=value ..."``): ``n=``, ``cpl=0|3``,
-  ``console=puts``, ``fault=ud|pf|gp|triple|user-ud|user-pf|user-gp``.
+  ``console=puts``, ``fault=ud|pf|gp|triple|user-ud|user-pf|user-gp``, ``testdev=1`` (pci).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ PORT_FW_CFG_SELECTOR = 0x510
 PORT_FW_CFG_DATA = 0x511
 FW_CFG_RAM_SIZE = 0x03
 FW_CFG_NB_CPUS = 0x05
-IO_STORM_PORT = 0x600
+IO_STORM_PORT = 0x700
 MMIO_STORM_ADDR = 0xD000_0000
 LAPIC_BASE = 0xFEE0_0000
 AP_TRAMPOLINE_ADDR = 0x8000
@@ -70,6 +74,11 @@ AP_SIPI_VECTOR = AP_TRAMPOLINE_ADDR >> 12
 #: An address the guests' page tables leave unmapped (``fault=pf`` touches it).
 UNMAPPED_ADDR = 0x8000_0000
 MAX_CPUS = 64
+IOAPIC_BASE = 0xFEC0_0000
+#: The guests' IDT: exceptions 0-31, interrupt vectors 32-63 (kk_set_irq_handler).
+IDT_VECTORS = 64
+IRQ_FIRST = 32
+SPURIOUS_VECTOR = 0x3F
 #: Where the images are linked and loaded (the multiboot convention).
 LOAD_ADDR = 0x10_0000
 #: The images, with their stacks and buffers, end below this (the linker script checks it).
@@ -89,7 +98,18 @@ EXIT_BAD_ARGUMENT = 2
 FAULT_EXIT_CODE = 3
 
 #: The programs, in the order a reader meets them.
-GUEST_NAMES: tuple[str, ...] = ("hello", "compute", "io-storm", "mmio-storm", "smp")
+GUEST_NAMES: tuple[str, ...] = (
+    "hello",
+    "compute",
+    "io-storm",
+    "mmio-storm",
+    "smp",
+    "timers",
+    "rtc",
+    "acpi",
+    "pci",
+    "testdev",
+)
 
 # ---- the builder ---------------------------------------------------------------------------
 
@@ -124,7 +144,7 @@ _LDFLAGS = (
     "-Wl,-z,noexecstack",
 )
 #: Bump when the build recipe changes in a way the hash of the inputs would not see.
-_RECIPE_VERSION = "1"
+_RECIPE_VERSION = "2"
 _TOOL_TIMEOUT_S = 120.0
 
 

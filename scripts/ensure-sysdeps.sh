@@ -14,6 +14,7 @@ declare -A need=(
     [/bin/busybox]=busybox-static
     [dpkg-deb]=dpkg
     [apt-get]=apt
+    [iasl]=acpica-tools  # tests disassemble the runner's ACPI tables with it
 )
 missing=()
 for thing in "${!need[@]}"; do

@@ -90,7 +90,8 @@ kk_enter_user:
         pushq   %rdi                    /* RIP */
         iretq
 
-/* ---- exception stubs: push (error code or 0, vector) and go to kk_fault(frame) ----------- */
+/* ---- exception and interrupt stubs: push (error code or 0, vector); vectors 0-31 go to
+ * kk_fault(frame), 32 to KK_IDT_VECTORS - 1 to kk_irq_dispatch(vector) ---------------------- */
 /* They sit in .text.boot, right after the entry code, so all of them lie below 0x110000 and
  * the IDT below can be built by the assembler and linker (the linker script checks it). */
         .macro ISR vec
@@ -100,13 +101,17 @@ kk_isr\vec:
         pushq   $0
         .endif
         pushq   $\vec
+        .if \vec < 32
         jmp     kk_isr_common
+        .else
+        jmp     kk_irq_common
+        .endif
         .endm
 
         .section .text.boot, "ax"
         .altmacro
         .set vec, 0
-        .rept 32
+        .rept KK_IDT_VECTORS
         ISR %vec
         .set vec, vec + 1
         .endr
@@ -119,6 +124,34 @@ kk_isr_common:
 1:      cli
         hlt
         jmp     1b
+
+/* Interrupts (vectors 32 and up): save the registers a C call may clobber, call
+ * kk_irq_dispatch(vector), return to the interrupted code.  The CPU aligned RSP to 16
+ * before pushing its 5-word frame; with the 2 words above and 9 here RSP is aligned again. */
+kk_irq_common:
+        pushq   %rax
+        pushq   %rcx
+        pushq   %rdx
+        pushq   %rsi
+        pushq   %rdi
+        pushq   %r8
+        pushq   %r9
+        pushq   %r10
+        pushq   %r11
+        movl    72(%rsp), %edi          /* the vector the stub pushed */
+        cld
+        call    kk_irq_dispatch
+        popq    %r11
+        popq    %r10
+        popq    %r9
+        popq    %r8
+        popq    %rdi
+        popq    %rsi
+        popq    %rdx
+        popq    %rcx
+        popq    %rax
+        addq    $16, %rsp               /* vector and dummy error code */
+        iretq
         .globl kk_isr_end
 kk_isr_end:
 
@@ -136,7 +169,7 @@ kk_isr_end:
 kk_idt:
         .altmacro
         .set vec, 0
-        .rept 32
+        .rept KK_IDT_VECTORS
         IDT_GATE %vec
         .set vec, vec + 1
         .endr

@@ -29,7 +29,8 @@
  *           before the exit write).  Label strings are not NUL-terminated.
  *   0x0510  fw_cfg selector (16-bit write); 0x0511 fw_cfg data (byte reads).
  *           keys: 0x05 number of CPUs (u16 LE), 0x03 RAM size (u64 LE).
- *   0x0600  io-storm's port: written with `outb`, nothing reads it.  The runner should
+ *   0x0700  io-storm's port: written with `outb`, nothing reads it (unassigned on QEMU's pc and
+ *           on the runner: 0x600-0x60b are the ACPI PM registers).  The runner should
  *           claim it as a counting sink (or leave it unclaimed; then --strict trips on it).
  *
  * Memory (guest-physical, identity-mapped by the guest's own page tables)
@@ -54,8 +55,19 @@
  * Faults: the IDT is built by the assembler (no run-time set-up); vectors 0-31 go to stubs
  * in .text (below 0x110000, as the IDT assumes), then to a handler that prints
  *   "fault: vector N at RIP 0x..., error 0x..., cpl C[, cr2 0x...]\n"
- * on the debug console and exits with KK_FAULT_EXIT_CODE.  Interrupts stay disabled (IF=0)
- * from entry to exit, at CPL 0 and CPL 3 alike; no vector above 31 is ever expected.
+ * on the debug console and exits with KK_FAULT_EXIT_CODE.
+ *
+ * Interrupts: the IDT has KK_IDT_VECTORS entries; vectors 32 and up (KK_IRQ_FIRST..) go
+ * through stubs to kk_irq_dispatch(), which counts the vector in kk_irq_count[] and calls
+ * the handler a program set with kk_set_irq_handler() (the handler sends the EOI).  IF=0
+ * from entry to exit except inside kk_wait_for_interrupt() ("sti; hlt; cli": the CPU
+ * sleeps until an interrupt, runs its handler, and goes on with IF=0), at CPL 0 only.  An
+ * interrupt on a vector beyond the IDT is a #GP and reported as a fault.
+ *
+ * Platform (QEMU's pc, and the runner's pc platform): 8259 PICs at 0x20/0xa0, 8254 PIT at
+ * 0x40-0x43 (IRQ 0; the MADT routes it to IOAPIC pin 2), IOAPIC at 0xfec00000, CMOS RTC
+ * at 0x70/0x71 (IRQ 8), PCI configuration at 0xcf8/0xcfc, ACPI tables from an RSDP in
+ * 0xe0000-0xfffff, the ACPI PM timer at the port the FADT names (0x608 on both).
  *
  * SMP: the BSP starts the APs with INIT, SIPI, SIPI (vector 0x08) broadcast to all but
  * itself; each AP runs the trampoline at 0x8000 (real mode straight to long mode), reports
@@ -89,13 +101,18 @@
 #define KK_PORT_FW_CFG_DATA 0x0511
 #define KK_FW_CFG_RAM_SIZE 0x03
 #define KK_FW_CFG_NB_CPUS 0x05
-#define KK_IO_STORM_PORT 0x0600
+#define KK_IO_STORM_PORT 0x0700
 #define KK_MMIO_STORM_ADDR 0xd0000000UL
 #define KK_LAPIC_BASE 0xfee00000UL
 #define KK_AP_TRAMPOLINE_ADDR 0x8000
 #define KK_UNMAPPED_ADDR 0x80000000UL
 #define KK_FAULT_EXIT_CODE 3
 #define KK_MAX_CPUS 64
+#define KK_IOAPIC_BASE 0xfec00000UL
+/* IDT size: exceptions 0-31, interrupts 32-63 (spurious LAPIC vector: KK_SPURIOUS_VECTOR). */
+#define KK_IDT_VECTORS 64
+#define KK_IRQ_FIRST 32
+#define KK_SPURIOUS_VECTOR 0x3f
 
 /* Segment selectors of the guest's GDT (built in entry.S). */
 #define KK_SEL_KERNEL_CODE 0x08
@@ -161,6 +178,27 @@ static inline unsigned kk_cpl(void)
 
 static inline void kk_mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 kk_mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline u16 kk_inw(u16 port)
+{
+    u16 v;
+    __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u32 kk_inl(u16 port)
+{
+    u32 v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+/* Sleep until an interrupt has been handled (sti's one-instruction shadow makes "sti; hlt"
+ * atomic: an interrupt pending at the sti is taken after the hlt, which then returns). */
+static inline void kk_wait_for_interrupt(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); }
+
+/* Interrupts (runtime.c). */
+typedef void (*kk_irq_handler)(u32 vector);
+extern volatile u32 kk_irq_count[KK_IDT_VECTORS];
+void kk_set_irq_handler(u32 vector, kk_irq_handler fn);
 
 /* runtime.c */
 void kk_putc(char c);

@@ -302,6 +302,29 @@ void kk_fault(struct kk_fault_frame *f)
 
 void kk_load_idt(void) { __asm__ volatile("lidt %0" ::"m"(*kk_idt_ptr)); }
 
+/* ---- interrupts -------------------------------------------------------------------------- */
+
+volatile u32 kk_irq_count[KK_IDT_VECTORS];
+static kk_irq_handler irq_handlers[KK_IDT_VECTORS];
+
+void kk_set_irq_handler(u32 vector, kk_irq_handler fn)
+{
+    if (vector < KK_IRQ_FIRST || vector >= KK_IDT_VECTORS)
+        kk_fail(1, "kk_set_irq_handler: vector %u is outside %u-%u\n", vector, KK_IRQ_FIRST,
+                KK_IDT_VECTORS - 1);
+    irq_handlers[vector] = fn;
+}
+
+/* Called by the interrupt stubs in entry.S with IF=0. */
+void kk_irq_dispatch(u32 vector)
+{
+    if (vector >= KK_IDT_VECTORS)
+        return;
+    __atomic_add_fetch(&kk_irq_count[vector], 1, __ATOMIC_RELAXED);
+    if (irq_handlers[vector])
+        irq_handlers[vector](vector);
+}
+
 static int is_user_fault(const char *kind) { return kind[0] == 'u' && kind[1] == 's'; }
 
 /* fault=KIND: ud, pf, gp, or the same with "user-" in front (raised at CPL 3). */

@@ -139,6 +139,13 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="multiboot module (repeatable)",
     )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        choices=["pc-testdev", "pci-testdev"],
+        help="add one of QEMU's test devices (repeatable; off by default, as in QEMU)",
+    )
     p.add_argument("--load-addr", type=_address, help="load address of a flat binary")
     p.add_argument(
         "--no-irqchip",
@@ -201,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         modules=[Path(m) for m in args.module],
         load_addr=args.load_addr,
+        devices=args.device,
         cpu=args.cpu,
         hugepages=args.hugepages,
         mem_path=args.mem_path,

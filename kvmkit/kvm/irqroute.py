@@ -45,3 +45,17 @@ def default_routes() -> list[Route]:
     for gsi in range(IOAPIC_PINS):
         routes.append(IrqchipRoute(gsi, IOAPIC, gsi))
     return routes
+
+
+def pc_routes() -> list[Route]:
+    """QEMU's ``pc`` table (``kvm_pc_setup_irq_routing``): GSIs 0-15 except 2 on the
+    PICs, GSI 0 on IOAPIC pin 2 (the MADT's IRQ 0 -> GSI 2 override, so the PIT's
+    interrupt reaches pin 2), GSIs 1 and 3-23 on the IOAPIC pin of their number."""
+    routes: list[Route] = [
+        IrqchipRoute(gsi, PIC_MASTER if gsi < 8 else PIC_SLAVE, gsi % 8)
+        for gsi in range(16)
+        if gsi != 2
+    ]
+    routes.append(IrqchipRoute(0, IOAPIC, 2))
+    routes += [IrqchipRoute(gsi, IOAPIC, gsi) for gsi in range(1, IOAPIC_PINS) if gsi != 2]
+    return routes

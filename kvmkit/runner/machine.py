@@ -54,6 +54,7 @@ from kvmkit.kvm.modes import DEFAULT_TABLES_AT, TABLES_SIZE, Mode, setup_mode
 from kvmkit.runner.bus import Bus, PortDevice
 from kvmkit.runner.context import DEFAULT_CONSOLE_LIMIT, Console, RunContext
 from kvmkit.runner.devices import DebugConsole, DebugExit, FwCfg, Hypercalls, Uart8250
+from kvmkit.runner.devices.acpi import acpi_tables_span
 from kvmkit.runner.devices.debugcon import DEBUGCON_PORT
 from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
 from kvmkit.runner.devices.fwcfg import FW_CFG_PORT_SEL
@@ -70,6 +71,7 @@ from kvmkit.runner.loaders.layout import (
     pc_ram_layout,
 )
 from kvmkit.runner.loop import Outcome, VcpuLoop
+from kvmkit.runner.platform import check_device_names, install_pc_platform
 from kvmkit.runner.stats import RunStats
 
 MiB = 1 << 20
@@ -112,6 +114,8 @@ class RunConfig:
     hugepages: bool = False
     #: QEMU's ``-mem-path``: a directory (e.g. a hugetlbfs mount) to back RAM with.
     mem_path: Path | None = None
+    #: Optional platform devices, by QEMU's ``-device`` name: pc-testdev, pci-testdev.
+    devices: Sequence[str] = ()
     #: In-kernel PIC/IOAPIC/LAPICs and PIT (False: the bare machine, one vCPU).
     irqchip: bool = True
     #: Restart the guest on reset or triple fault instead of ending the run.
@@ -260,11 +264,14 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
     check_mem_size(config.mem_size)
     cpu_model = parse_cpu_model(config.cpu)
     low_ram = pc_ram_layout(config.mem_size).below_4g
+    check_device_names(config.devices)
+    acpi_span = acpi_tables_span(config.vcpus)  # the platform's tables, from 0xF0000
     image = load_image(
         config.image,
         ram_size=low_ram,
         load_addr=config.load_addr,
         flat_mode=config.mode or Mode.LONG,
+        reserved=[acpi_span],
     )
     mode = image.mode if image.kind != "flat" else (config.mode or Mode.LONG)
     if config.mode is not None and image.kind != "flat" and config.mode != image.mode:
@@ -300,7 +307,7 @@ def run_guest(config: RunConfig, *, kvm: Kvm | None = None) -> RunResult:
         # A feature this KVM cannot give fails before any memory is mapped (what needs
         # the irqchip is checked again below, against the VM as built).
         cpu_model.cpuid(kvm, vcpu_index=0, vcpus=config.vcpus, irqchip=config.irqchip)
-        occupied = [(s.addr, s.end) for s in image.segments if s.memsz]
+        occupied = [(s.addr, s.end) for s in image.segments if s.memsz] + [acpi_span]
         mb_plan = None
         if image.kind == "multiboot":
             e820 = e820_map(config.mem_size, amd_ht_hole=amd_ht_hole(kvm.supported_cpuid()))
@@ -360,6 +367,16 @@ def _boot(
         bus = build_bus(
             ctx, mem_size=config.mem_size, vcpus=config.vcpus, port_devices=config.port_devices
         )
+        platform = install_pc_platform(
+            bus,
+            vm,
+            ctx.irq,
+            mem_size=config.mem_size,
+            vcpus=config.vcpus,
+            devices=config.devices,
+            on_reset=ctx.request_reset,
+            on_poweroff=lambda: ctx.request_poweroff("ACPI S5 (PM1a control)"),
+        )
         vcpus = [vm.create_vcpu(i) for i in range(config.vcpus)]
         boot = vcpus[0]
         setup_mode(
@@ -386,6 +403,7 @@ def _boot(
         try:
             return _run_vcpus(config, ctx, bus, vcpus, image.kind, mode, deadline)
         finally:
+            platform.close()
             feeding.set()
             if feeder is not None:
                 feeder.join()

@@ -18,9 +18,11 @@ def guest_images() -> dict[str, Path]:
 
 @pytest.fixture
 def boot(qemu_binary: str, guest_images: dict[str, Path], tmp_path: Path) -> BootFn:
-    """``boot(name, append="", smp=1) -> Boot`` for a bundled guest program."""
+    """``boot(name, append="", smp=1, devices=()) -> Boot`` for a bundled guest program."""
 
-    def _boot(name: str, append: str = "", smp: int = 1) -> Boot:
-        return boot_under_qemu(qemu_binary, guest_images[name], tmp_path, append=append, smp=smp)
+    def _boot(name: str, append: str = "", smp: int = 1, devices: tuple[str, ...] = ()) -> Boot:
+        return boot_under_qemu(
+            qemu_binary, guest_images[name], tmp_path, append=append, smp=smp, devices=devices
+        )
 
     return _boot

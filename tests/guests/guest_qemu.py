@@ -36,9 +36,11 @@ def boot_under_qemu(
     *,
     append: str = "",
     smp: int = 1,
+    devices: tuple[str, ...] = (),
     timeout: float = BOOT_TIMEOUT_S,
 ) -> Boot:
-    """Boot ``image`` and wait for QEMU to exit; fail the test if it has not within ``timeout``."""
+    """Boot ``image`` (with QEMU's ``-device`` for each of ``devices``) and wait for QEMU to
+    exit; fail the test if it has not within ``timeout``."""
     console = workdir / f"console-{image.stem}-{smp}.txt"
     console.unlink(missing_ok=True)
     cmd = [
@@ -55,6 +57,9 @@ def boot_under_qemu(
         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
         "-smp", str(smp),
     ]  # fmt: skip
+    first = cmd.index("-device")  # before isa-debugcon: the console keeps 0xe9 (pc-testdev)
+    for device in reversed(devices):
+        cmd[first:first] = ["-device", device]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 
 import pytest
 from guest_qemu import BootFn
@@ -149,4 +151,75 @@ def test_image_name_in_the_command_line_is_not_an_argument(boot: BootFn) -> None
     assert (b.status, b.console) == (
         OK,
         f"io-storm: 7 writes to port {IO_STORM_PORT:#x} at cpl 0\n",
+    )
+
+
+# ---- the pc platform guests under QEMU's own pc machine (the reference) -------------------
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_timers_fire_through_lapic_pic_and_ioapic(boot: BootFn, cpus: int) -> None:
+    b = boot("timers", smp=cpus)
+    assert b.status == OK, b.console
+    others = f"timers: lapic timer interrupt on each of the other {cpus - 1} cpus: yes\n"
+    assert b.console == (
+        "timers: lapic timer interrupt on vector 0x30: yes\n"
+        "timers: hlt returned once the timer had expired: yes\n"
+        "timers: pit irq 0 through the pic on vector 0x20: yes\n"
+        "timers: pit irq 0 through the ioapic pin 2 on vector 0x32: yes\n"
+    ) + (others if cpus > 1 else "")
+
+
+def test_rtc_reads_qemus_clock_and_interrupts(boot: BootFn) -> None:
+    before = time.time()
+    b = boot("rtc")
+    after = time.time()
+    assert b.status == OK, b.console
+    m = re.match(r"rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)\n", b.console)
+    assert m, b.console
+    guest = calendar.timegm(tuple(int(x) for x in m.groups()) + (0, 0, 0))  # type: ignore[arg-type]
+    assert before - 2 <= guest <= after + 2
+    assert b.console[m.end() :] == (
+        "rtc: register d says the time is valid: yes\n"
+        "rtc: update-ended interrupt on irq 8: yes\n"
+        "rtc: register c said update-ended: yes\n"
+    )
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_acpi_tables_from_seabios(boot: BootFn, cpus: int) -> None:
+    b = boot("acpi", smp=cpus)
+    assert b.status == OK, b.console
+    assert b.console == (
+        "acpi: rsdp found, root table checksums valid: yes\n"
+        "acpi: fadt: sci irq 9, pm timer at port 0x608, dsdt checksum valid: yes\n"
+        f"acpi: madt: {cpus} local apics (matches fw_cfg's cpu count), 1 ioapic at 0xfec00000, "
+        "isa irq 0 -> gsi 2\n"
+        "acpi: pm timer advances: yes\n"
+    )
+
+
+def test_pci_scan_finds_the_i440fx_and_the_testdev(boot: BootFn) -> None:
+    head = (
+        "pci: 00:00.0 8086:1237 class 600 header type 0\n"
+        "pci: host bridge is an i440fx: yes\n"
+        "pci: empty slot 00:1f.0 reads all ones: yes\n"
+    )
+    b = boot("pci")
+    assert (b.status, b.console) == (OK, head)
+    b = boot("pci", "testdev=1", devices=("pci-testdev",))
+    assert (b.status, b.console) == (
+        OK,
+        head + "pci: pci-testdev found, bars assigned and enabled: yes\n"
+        "pci: pci-testdev mmio test count 1, portio test count 1\n",
+    )
+
+
+def test_pc_testdev_scratch_memory_and_irq_line(boot: BootFn) -> None:
+    b = boot("testdev", devices=("pc-testdev",))
+    assert (b.status, b.console) == (
+        OK,
+        "testdev: scratch register reads back by dword, word and byte: yes\n"
+        "testdev: iomem keeps what is written: yes\n"
+        "testdev: irq 14 raised by the guest arrives through the ioapic: yes\n",
     )

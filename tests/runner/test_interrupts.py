@@ -83,8 +83,8 @@ class ResetPort:
         return 0xFF
 
 
-# mov al,'b'; out 0xe9,al; out 0x600,al (with dx); spin
-RESET_GUEST = bytes([0xB0, 0x62, 0xE6, 0xE9, 0x66, 0xBA, 0x00, 0x06, 0xEE]) + SPIN
+# mov al,'b'; out 0xe9,al; out 0x6f0,al (with dx); spin
+RESET_GUEST = bytes([0xB0, 0x62, 0xE6, 0xE9, 0x66, 0xBA, 0xF0, 0x06, 0xEE]) + SPIN
 
 
 @pytest.mark.parametrize("python_loop", [False, True])
@@ -95,18 +95,18 @@ def test_a_reset_request_ends_the_run_with_its_reason(
         flat(tmp_path, RESET_GUEST),
         load_addr=LOAD,
         python_loop=python_loop,
-        port_devices=[(0x600, 1, ResetPort)],
+        port_devices=[(0x6F0, 1, ResetPort)],
         timeout=None,
     )
     assert (r.reason, r.process_status, r.console, r.reboots) == ("reset", 0, "b", 0)
-    assert "test device at 0x600" in r.detail and "--reboot" in r.detail
+    assert "test device at 0x6f0" in r.detail and "--reboot" in r.detail
 
 
 def test_reboot_restarts_the_guest_from_its_image(tmp_path: Path, run_image: RunImage) -> None:
     r = run_image(
         flat(tmp_path, RESET_GUEST),
         load_addr=LOAD,
-        port_devices=[(0x600, 1, ResetPort)],
+        port_devices=[(0x6F0, 1, ResetPort)],
         reboot=True,
         timeout=2.0,
     )
