@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             print_results(got)
     print_table(
         ["benchmark", "status", "detail", "seconds"],
-        [[o.name, o.status.upper() if o.status == "failed" else o.status, o.detail, o.seconds] for o in outcomes],
+        [
+            [o.name, o.status.upper() if o.status == "failed" else o.status, o.detail, o.seconds]
+            for o in outcomes
+        ],
         title="benchmarks run",
         numeric=["seconds"],
     )

@@ -41,7 +41,11 @@ def run(quick: bool = False) -> list[Result]:
     n1, n2 = (2000, 12000) if quick else (5000, 55000)
     with tempfile.TemporaryDirectory(prefix="kvmkit-bench-exits-") as tmp:
         table = exits.measure(
-            n1=n1, n2=n2, repeats=2 if quick else 3, extra_ways={PLAIN: PLAIN_SPEC}, workdir=Path(tmp)
+            n1=n1,
+            n2=n2,
+            repeats=2 if quick else 3,
+            extra_ways={PLAIN: PLAIN_SPEC},
+            workdir=Path(tmp),
         )
     if exits.RAW_C in table.unavailable:
         raise Skip(table.unavailable[exits.RAW_C])

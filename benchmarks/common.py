@@ -36,6 +36,8 @@ class Result:
     target: str | None = None
     check: float | None = None
     check_method: str | None = None
+    #: Set for a reference line taken from a publication, not measured: where from.
+    published: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

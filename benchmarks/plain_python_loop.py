@@ -29,7 +29,9 @@ class _Stop(Exception):
     pass
 
 
-def run_plain(vm: Any, vcpu: Any, *, exit_port: int, mark_port: int, console_port: int) -> list[int]:
+def run_plain(
+    vm: Any, vcpu: Any, *, exit_port: int, mark_port: int, console_port: int
+) -> list[int]:
     """Run ``vcpu`` until the guest writes ``exit_port``; return the monotonic-clock
     nanoseconds of each mark.  ``vm.read(gpa, n)`` reads guest memory."""
     fd = vcpu.fd

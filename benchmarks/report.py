@@ -19,6 +19,8 @@ COLUMNS = ["case", "value", "unit", "baseline", "ratio", "cross-check", "target"
 
 def value_text(r: Result) -> str:
     """The figure, or UNRELIABLE with both values when its cross-check disagrees."""
+    if r.published:
+        return f"{r.value:,.2f} (PUBLISHED, not measured: {r.published})"
     if r.reliable:
         return f"{r.value:,.2f}"
     if r.check is None:

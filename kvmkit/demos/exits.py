@@ -169,7 +169,9 @@ def _run_kvmkit(vm: Any, cpu: Any, python: bool) -> list[int]:
     loop = VcpuLoop(cpu, bus, ctx, threading.Event(), halt_ends_run=False)
     outcome = loop.run_python() if python else loop.run_fast()
     if outcome.kind != "exit":
-        raise RuntimeError(f"the guest ended with {outcome.kind}: {outcome.detail or outcome.error}")
+        raise RuntimeError(
+            f"the guest ended with {outcome.kind}: {outcome.detail or outcome.error}"
+        )
     return [ctx.start_ns + round(m.t_s * 1e9) for m in ctx.marks]
 
 
