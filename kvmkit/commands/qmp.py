@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmkit.qmp.errors import UsageError, check_timeout
-
 _TCP = re.compile(r"(?:tcp:)?\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d+)")
 
 
 def parse_address(text: str) -> str | tuple[str, int]:
     """A unix socket path or a (host, port) pair, from the command line's ADDRESS."""
+    from kvmkit.qmp.errors import UsageError
+
     if text.startswith("unix:"):
         return text[len("unix:") :]
     if "/" not in text and not Path(text).exists():
@@ -40,6 +40,8 @@ def parse_address(text: str) -> str | tuple[str, int]:
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
+    from kvmkit.qmp.errors import UsageError
+
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -91,6 +93,8 @@ async def _follow(args: argparse.Namespace, match: dict[str, Any] | None) -> int
 
 def run(args: argparse.Namespace) -> int:
     import trio
+
+    from kvmkit.qmp.errors import UsageError, check_timeout
 
     check_timeout(args.timeout, "--timeout", allow_inf=False)
     check_timeout(args.connect_timeout, "--connect-timeout", allow_inf=False)
