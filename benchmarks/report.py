@@ -24,7 +24,7 @@ def value_text(r: Result) -> str:
     if r.reliable:
         return f"{r.value:,.2f}"
     if r.check is None:
-        return f"UNRELIABLE: {r.value:,.2f} (no cross-check)"
+        return f"{r.value:,.2f} (NOT cross-checked)"
     return f"UNRELIABLE: {r.value:,.2f} vs {r.check:,.2f}"
 
 
