@@ -58,7 +58,6 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-
 def default_signal_dispositions() -> None:
     """Run in the child between fork and exec: SIGINT/SIGTERM/SIGHUP/SIGQUIT back to their
     defaults and nothing blocked, since an ignored signal survives exec (a kvmkit started
@@ -66,6 +65,7 @@ def default_signal_dispositions() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
 
 class QemuMachine(trio.abc.AsyncResource):
     """One QEMU guest.  Use as ``async with`` (or :meth:`launch` then :meth:`aclose` in
