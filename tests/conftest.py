@@ -11,8 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+import time
 
 import pytest
 
@@ -42,13 +41,16 @@ def qemu_binary() -> str:
 
 # -- nothing a test starts outlives the suite -------------------------------------------
 #
-# At session start every test process gets a private temp directory (TMPDIR and
-# tempfile's own), inherited by every child.  At the end the session fails if anything
-# the tests started is still there: a process (a child of pytest, or any process whose
-# environment carries that TMPDIR, which catches daemonized QEMUs), an open socket of
-# pytest's own, a file or directory in the private temp directory (sockets included), a
-# network namespace or an LXC container that was not there before.  Leftover processes
-# are then killed by PID and the directory removed, so a failed run does not litter.
+# At session start the test process gets a session marker in its environment, inherited
+# by every child, and an audit hook that records every temp file and directory tempfile
+# creates in it.  At the end the session fails if anything the tests started is still
+# there: a process (a child of pytest, or any process whose environment carries the
+# marker, which catches daemonized QEMUs), an open socket of pytest's own, a recorded temp
+# path, a network namespace or an LXC container that was not there before.  Leftover
+# processes are then killed by PID and leftover temp paths removed, so a failed run does
+# not litter.  (TMPDIR is left alone: QEMU's unix socket paths must stay under 108 bytes.)
+
+SESSION_VAR = "KVMKIT_TEST_SESSION"
 
 
 def _netns() -> set[str]:
@@ -71,17 +73,16 @@ def _own_sockets() -> set[tuple[int, str]]:
     return {(c.fd, c.type.name) for c in psutil.Process().net_connections(kind="all")}
 
 
-def _our_processes(tmpdir: str) -> dict[int, str]:
+def _our_processes(marker: str) -> dict[int, str]:
     """Every process started by this session: pytest's descendants, and any process whose
-    environment carries the session's TMPDIR (daemons leave pytest's tree, not its env)."""
+    environment carries the session marker (daemons leave pytest's tree, not its env)."""
     import psutil
 
     me = psutil.Process()
     found = {p.pid: p for p in me.children(recursive=True)}
-    marker = f"TMPDIR={tmpdir}"
     for p in psutil.process_iter():
         try:
-            if p.pid != me.pid and marker in "\0".join(f"{k}={v}" for k, v in p.environ().items()):
+            if p.pid != me.pid and p.environ().get(SESSION_VAR) == marker:
                 found[p.pid] = p
         except (psutil.Error, OSError):
             continue
@@ -96,24 +97,27 @@ def _our_processes(tmpdir: str) -> dict[int, str]:
 
 class _LeakCheck:
     def __init__(self) -> None:
-        self.saved_tmpdir = (os.environ.get("TMPDIR"), tempfile.tempdir)
-        self.tmpdir = tempfile.mkdtemp(prefix="kvmkit-tests-")
-        os.environ["TMPDIR"] = self.tmpdir
-        tempfile.tempdir = self.tmpdir
+        self.marker = f"{os.getpid()}-{time.time_ns()}"
+        os.environ[SESSION_VAR] = self.marker
+        self.temp_paths: list[str] = []
+        self.recording = True
+        sys.addaudithook(self._audit)  # cannot be removed: ``recording`` turns it off
         self.netns = _netns()
         self.containers = _containers()
         self.sockets = _own_sockets()
 
+    def _audit(self, event: str, args: tuple[object, ...]) -> None:
+        if self.recording and event in ("tempfile.mkdtemp", "tempfile.mkstemp"):
+            self.temp_paths.append(str(args[0]))
+
     def leftovers(self) -> list[str]:
+        self.recording = False
         found = []
-        for pid, cmd in sorted(_our_processes(self.tmpdir).items()):
+        for pid, cmd in sorted(_our_processes(self.marker).items()):
             found.append(f"process {pid}: {cmd}")
         for fd, kind in sorted(_own_sockets() - self.sockets):
             found.append(f"socket fd {fd} ({kind}) still open in the test process")
-        for path in sorted(Path(self.tmpdir).rglob("*")):
-            pytests_own = path.parent == Path(self.tmpdir) and path.name.startswith("pytest-of-")
-            if (path.parent == Path(self.tmpdir) and not pytests_own) or path.is_socket():
-                found.append(f"temp {'socket' if path.is_socket() else 'path'}: {path}")
+        found += [f"temp path {p}" for p in self.temp_paths if os.path.lexists(p)]
         found += [f"network namespace {n}" for n in sorted(_netns() - self.netns)]
         found += [f"LXC container {c}" for c in sorted(_containers() - self.containers)]
         return found
@@ -121,18 +125,17 @@ class _LeakCheck:
     def clean_up(self) -> None:
         import psutil
 
-        for pid in _our_processes(self.tmpdir):
+        for pid in _our_processes(self.marker):
             try:
                 psutil.Process(pid).kill()
             except psutil.Error:
                 pass
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        env, tempdir = self.saved_tmpdir
-        if env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = env
-        tempfile.tempdir = tempdir
+        for path in self.temp_paths:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        os.environ.pop(SESSION_VAR, None)
 
 
 _leak_check: _LeakCheck | None = None
