@@ -3,7 +3,15 @@
 One paused QEMU (``-S -machine none``) with one QMP socket per client; each client runs
 ``query-status`` sequentially (one in flight) and pipelined (8 in flight), in rounds that
 interleave the clients so machine noise hits them alike.  Rates are medians over rounds.
+
+Same work, same semantics: qemu.qmp puts an id on every command, so it is compared with
+kvmkit ``ids=True`` and with a raw socket that sends ids too; kvmkit's default (in-band
+commands without ids, replies matched in order) is compared with a raw socket without ids.
 Targets: kvmkit >= 0.9x the raw socket and >= 1.3x qemu.qmp.
+
+Cross-check: each client also runs N1 and N2 commands timed as a whole (connect, greeting,
+negotiation and close included); ``(N2 - N1) / (T(N2) - T(N1))`` is the same rate measured
+without the in-loop timer.
 
 Run alone: ``python -m benchmarks.bench_qmp [--quick]``.
 """
@@ -11,6 +19,7 @@ Run alone: ``python -m benchmarks.bench_qmp [--quick]``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import socket
@@ -26,7 +35,7 @@ from pathlib import Path
 import trio
 from qemu.qmp import QMPClient as UpstreamClient
 
-from benchmarks.common import Result
+from benchmarks.common import Result, Skip
 from benchmarks.report import print_results
 from kvmkit.qmp import open_qmp
 
@@ -41,7 +50,7 @@ def paused_qemu(sockets: int) -> Iterator[list[Path]]:
     """A paused QEMU with ``sockets`` QMP sockets; killed by PID and its dir removed."""
     binary = shutil.which("qemu-system-x86_64")
     if binary is None:
-        raise RuntimeError("qemu-system-x86_64 is not installed")
+        raise Skip("qemu-system-x86_64 is not installed")
     tmp = Path(tempfile.mkdtemp(prefix="kvmkit-bench-qmp-"))
     paths = [tmp / f"qmp{i}.sock" for i in range(sockets)]
     args = [binary, "-S", "-display", "none", "-nodefaults", "-machine", "none"]
@@ -67,6 +76,10 @@ def paused_qemu(sockets: int) -> Iterator[list[Path]]:
 
 # -- raw blocking socket ---------------------------------------------------------------
 
+#: A client function runs ``n`` commands on the socket at ``path`` and returns (seconds of
+#: the command loop, seconds of the whole call: connect to close).
+Client = Callable[[Path, int], tuple[float, float]]
+
 
 class RawClient:
     """The least a QMP client can do: blocking socket, no parsing beyond line splitting."""
@@ -78,7 +91,7 @@ class RawClient:
         self.buf = b""
         self.readline()  # greeting
         self.sock.sendall(b'{"execute":"qmp_capabilities"}\n')
-        assert b"return" in self.readline()
+        self.readline()
 
     def readline(self) -> bytes:
         while b"\n" not in self.buf:
@@ -93,57 +106,41 @@ class RawClient:
         self.sock.close()
 
 
-def raw_sequential(path: Path, n: int) -> float:
-    client = RawClient(path)
-    request = json.dumps({"execute": COMMAND}).encode() + b"\n"
-    try:
-        start = time.perf_counter()
-        for _ in range(n):
-            client.sock.sendall(request)
-            json.loads(client.readline())
-        return n / (time.perf_counter() - start)
-    finally:
-        client.close()
+def _raw_request(i: int, ids: bool) -> bytes:
+    return json.dumps({"execute": COMMAND, **({"id": i} if ids else {})}).encode() + b"\n"
 
 
-def raw_pipelined(path: Path, n: int) -> float:
+def _raw_reply(client: RawClient, i: int, ids: bool) -> None:
+    reply = json.loads(client.readline())
+    if ids and reply.get("id") != i:
+        raise RuntimeError(f"raw socket: reply {reply!r} does not answer command {i}")
+
+
+def raw(path: Path, n: int, *, ids: bool, window: int) -> tuple[float, float]:
+    """``n`` commands with up to ``window`` in flight; replies checked (by id with ids)."""
+    begin = time.perf_counter()
     client = RawClient(path)
-    request = json.dumps({"execute": COMMAND}).encode() + b"\n"
     try:
         start = time.perf_counter()
         sent = 0
-        for _ in range(min(WINDOW, n)):
-            client.sock.sendall(request)
+        for _ in range(min(window, n)):
+            client.sock.sendall(_raw_request(sent, ids))
             sent += 1
-        for _ in range(n):
-            json.loads(client.readline())
+        for i in range(n):
+            _raw_reply(client, i, ids)
             if sent < n:
-                client.sock.sendall(request)
+                client.sock.sendall(_raw_request(sent, ids))
                 sent += 1
-        return n / (time.perf_counter() - start)
+        loop = time.perf_counter() - start
     finally:
         client.close()
+    return loop, time.perf_counter() - begin
 
 
-# -- qemu.qmp (asyncio) ----------------------------------------------------------------
+# -- qemu.qmp (asyncio; ids on every command) -----------------------------------------
 
 
-def upstream_sequential(path: Path, n: int) -> float:
-    async def main() -> float:
-        qmp = UpstreamClient("bench")
-        await qmp.connect(str(path))
-        try:
-            start = time.perf_counter()
-            for _ in range(n):
-                await qmp.execute(COMMAND)
-            return n / (time.perf_counter() - start)
-        finally:
-            await qmp.disconnect()
-
-    return asyncio.run(main())
-
-
-def upstream_pipelined(path: Path, n: int) -> float:
+def upstream(path: Path, n: int, *, window: int) -> tuple[float, float]:
     async def main() -> float:
         qmp = UpstreamClient("bench")
         await qmp.connect(str(path))
@@ -154,29 +151,20 @@ def upstream_pipelined(path: Path, n: int) -> float:
 
         try:
             start = time.perf_counter()
-            await asyncio.gather(*(worker(n // WINDOW) for _ in range(WINDOW)))
-            return (n // WINDOW * WINDOW) / (time.perf_counter() - start)
+            await asyncio.gather(*(worker(n // window) for _ in range(window)))
+            return time.perf_counter() - start
         finally:
             await qmp.disconnect()
 
-    return asyncio.run(main())
+    begin = time.perf_counter()
+    loop = asyncio.run(main())
+    return loop, time.perf_counter() - begin
 
 
 # -- kvmkit.qmp (trio) -----------------------------------------------------------------
 
 
-def kvmkit_sequential(path: Path, n: int, ids: bool = False) -> float:
-    async def main() -> float:
-        async with open_qmp(path, ids=ids) as qmp:
-            start = time.perf_counter()
-            for _ in range(n):
-                await qmp.execute(COMMAND)
-            return n / (time.perf_counter() - start)
-
-    return trio.run(main)
-
-
-def kvmkit_pipelined(path: Path, n: int, ids: bool = False) -> float:
+def kvmkit(path: Path, n: int, *, ids: bool, window: int) -> tuple[float, float]:
     async def main() -> float:
         async with open_qmp(path, ids=ids) as qmp:
 
@@ -186,78 +174,82 @@ def kvmkit_pipelined(path: Path, n: int, ids: bool = False) -> float:
 
             start = time.perf_counter()
             async with trio.open_nursery() as nursery:
-                for _ in range(WINDOW):
-                    nursery.start_soon(worker, n // WINDOW)
-            return (n // WINDOW * WINDOW) / (time.perf_counter() - start)
+                for _ in range(window):
+                    nursery.start_soon(worker, n // window)
+            return time.perf_counter() - start
 
-    return trio.run(main)
-
-
-def kvmkit_ids_sequential(path: Path, n: int) -> float:
-    return kvmkit_sequential(path, n, ids=True)
+    begin = time.perf_counter()
+    loop = trio.run(main)
+    return loop, time.perf_counter() - begin
 
 
-def kvmkit_ids_pipelined(path: Path, n: int) -> float:
-    return kvmkit_pipelined(path, n, ids=True)
+def _cases() -> dict[str, Client]:
+    cases: dict[str, Client] = {}
+    for mode, window in (("sequential", 1), ("pipelined", WINDOW)):
+        cases[f"raw socket, no ids, {mode}"] = functools.partial(raw, ids=False, window=window)
+        cases[f"raw socket, ids, {mode}"] = functools.partial(raw, ids=True, window=window)
+        cases[f"qemu.qmp (ids), {mode}"] = functools.partial(upstream, window=window)
+        cases[f"kvmkit ids=True, {mode}"] = functools.partial(kvmkit, ids=True, window=window)
+        cases[f"kvmkit (no ids), {mode}"] = functools.partial(kvmkit, ids=False, window=window)
+    return cases
 
 
-# "kvmkit" sends in-band commands without ids (replies match in issue order, as the QMP
-# spec guarantees), like the raw socket; qemu.qmp puts an id on every command, and QEMU
-# takes ~30 us longer per command then.  "kvmkit ids=True" shows the client with ids too,
-# so the two effects can be told apart.
-CASES: dict[str, Callable[[Path, int], float]] = {
-    "raw socket sequential": raw_sequential,
-    "qemu.qmp sequential": upstream_sequential,
-    "kvmkit sequential": kvmkit_sequential,
-    "kvmkit ids=True sequential": kvmkit_ids_sequential,
-    "raw socket pipelined": raw_pipelined,
-    "qemu.qmp pipelined": upstream_pipelined,
-    "kvmkit pipelined": kvmkit_pipelined,
-    "kvmkit ids=True pipelined": kvmkit_ids_pipelined,
-}
+CASES = _cases()
+
+#: (case, its baseline, target) for every printed figure, per mode
+COMPARISONS = (
+    ("kvmkit ids=True", "qemu.qmp (ids)", ">= 1.3x"),
+    ("kvmkit ids=True", "raw socket, ids", ">= 0.9x"),
+    ("kvmkit (no ids)", "raw socket, no ids", ">= 0.9x"),
+    ("qemu.qmp (ids)", "raw socket, ids", None),
+)
 
 
-def measure(quick: bool = False) -> dict[str, list[float]]:
-    n = 400 if quick else 2000
+def measure(quick: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Rates per case (commands/s over rounds) and each case's cross-check rate."""
+    n1, n2 = (200, 600) if quick else (500, 2500)
     rounds = 2 if quick else 5
+    n2 -= n2 % WINDOW
+    n1 -= n1 % WINDOW
     samples: dict[str, list[float]] = {case: [] for case in CASES}
+    totals: dict[tuple[str, int], list[float]] = {(c, n): [] for c in CASES for n in (n1, n2)}
     with paused_qemu(sockets=len(CASES)) as paths:
         for case, path in zip(CASES, paths, strict=True):
-            CASES[case](path, 50)  # warm-up: imports, first connection
+            CASES[case](path, 5 * WINDOW)  # warm-up: imports, first connection
         for _ in range(rounds):
             for case, path in zip(CASES, paths, strict=True):
-                samples[case].append(CASES[case](path, n))
-    return samples
+                for n in (n1, n2):
+                    loop, total = CASES[case](path, n)
+                    totals[case, n].append(total)
+                    if n == n2:
+                        samples[case].append(n / loop)
+    checks = {
+        case: (n2 - n1)
+        / (statistics.median(totals[case, n2]) - statistics.median(totals[case, n1]))
+        for case in CASES
+    }
+    return samples, checks
 
 
 def run(quick: bool = False) -> list[Result]:
-    samples = measure(quick)
+    samples, checks = measure(quick)
     rate = {case: statistics.median(values) for case, values in samples.items()}
     results: list[Result] = []
     for mode in ("sequential", "pipelined"):
-        raw, upstream, ours, ours_ids = (
-            f"raw socket {mode}",
-            f"qemu.qmp {mode}",
-            f"kvmkit {mode}",
-            f"kvmkit ids=True {mode}",
-        )
-        for case, baseline, target in (
-            (ours, raw, ">= 0.9x"),
-            (ours, upstream, ">= 1.3x"),
-            (upstream, raw, None),
-            (ours_ids, upstream, None),
-        ):
-            short = baseline.split(" ")[0].replace("raw", "raw socket")
+        for ours, base, target in COMPARISONS:
+            case, baseline = f"{ours}, {mode}", f"{base}, {mode}"
             results.append(
                 Result(
                     benchmark="qmp",
-                    case=f"{case} / {short}",  # unique per row, for --compare
+                    case=f"{case} / {base}",  # unique per row, for --compare
                     value=rate[case],
                     unit="commands/s",
                     baseline_case=baseline,
                     baseline=rate[baseline],
                     higher_is_better=True,
                     target=target,
+                    check=checks[case],
+                    check_method="whole calls, N2 - N1 commands",
                     extra={
                         "samples": [round(s) for s in samples[case]],
                         "baseline_samples": [round(s) for s in samples[baseline]],

@@ -1,36 +1,56 @@
-"""Printing, saving and comparing benchmark results."""
+"""Printing (rich tables, through :mod:`kvmkit.ui`), saving and comparing benchmark
+results."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from benchmarks.common import Result
+from kvmkit.ui import print_table
+
+COLUMNS = ["case", "value", "unit", "baseline", "ratio", "cross-check", "target"]
+
+
+def value_text(r: Result) -> str:
+    """The figure, or UNRELIABLE with both values when its cross-check disagrees."""
+    if r.published:
+        return f"{r.value:,.2f} (PUBLISHED, not measured: {r.published})"
+    if r.reliable:
+        return f"{r.value:,.2f}"
+    if r.check is None:
+        return f"{r.value:,.2f} (NOT cross-checked)"
+    return f"UNRELIABLE: {r.value:,.2f} vs {r.check:,.2f}"
+
+
+def _row(r: Result) -> list[Any]:
+    base = f"{r.baseline_case} ({r.baseline:,.2f})" if r.baseline_case and r.baseline else "-"
+    ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
+    check = (
+        f"{r.check:,.2f} ({r.disagreement:.0%} apart)"
+        if r.check is not None and r.disagreement is not None
+        else "-"
+    )
+    return [r.case, value_text(r), r.unit, base, ratio, check, r.target or "-"]
 
 
 def print_results(results: Iterable[Result]) -> None:
-    """One aligned table: case, value, baseline and ratio, target where one is set."""
-    rows = list(results)
-    if not rows:
+    """One rich table per benchmark: value, baseline, ratio, cross-check and target."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.benchmark, []).append(r)
+    if not groups:
         print("(no results)")
-        return
-    width = max(len(r.case) for r in rows)
-    current = None
-    for r in rows:
-        if r.benchmark != current:
-            current = r.benchmark
-            print(f"\n== {current} ==")
-            print(f"{'case':<{width}}  {'value':>12}  {'unit':<10} {'ratio':>8}  baseline / target")
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        base = (
-            f"vs {r.baseline_case} ({r.baseline:.2f})"
-            if r.baseline is not None and r.baseline_case
-            else ""
-        )
-        target = f"  target {r.target}" if r.target else ""
-        print(f"{r.case:<{width}}  {r.value:>12.2f}  {r.unit:<10} {ratio:>8}  {base}{target}")
+    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 200)
+    for name, rows in groups.items():
+        methods = sorted({r.check_method for r in rows if r.check_method})
+        title = f"{name} (cross-check: {'; '.join(methods) or 'none'})"
+        print_table(COLUMNS, [_row(r) for r in rows], title=title, console=console)
 
 
 def save(results: Iterable[Result], path: Path, meta: dict[str, Any] | None = None) -> None:

@@ -8,9 +8,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvmkit.qemu import guestkit
+if TYPE_CHECKING:
+    from kvmkit.qemu import guestkit
 
 
 def _progress_printer() -> guestkit.Progress:
@@ -47,6 +48,8 @@ def _describe(kit: guestkit.GuestKit) -> dict[str, Any]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from kvmkit.qemu import guestkit
+
     kit = guestkit.build_kit(
         args.kernel_version,
         kernel_image=Path(args.kernel) if args.kernel else None,
@@ -60,6 +63,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from kvmkit.qemu import guestkit
+
     kits = guestkit.cached_kits()
     if args.json:
         print(json.dumps({"cache": str(guestkit.kits_dir()), "kits": [_describe(k) for k in kits]}))

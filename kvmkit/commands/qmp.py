@@ -21,15 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from kvmkit.qmp import DisconnectedError, ExecuteError, QMPError, UsageError, open_qmp
-
 _TCP = re.compile(r"(?:tcp:)?\[?(?P<host>[^\[\]]*?)\]?:(?P<port>\d+)")
 
 
 def parse_address(text: str) -> str | tuple[str, int]:
     """A unix socket path or a (host, port) pair, from the command line's ADDRESS."""
+    from kvmkit.qmp.errors import UsageError
+
     if text.startswith("unix:"):
         return text[len("unix:") :]
     if "/" not in text and not Path(text).exists():
@@ -42,6 +40,8 @@ def parse_address(text: str) -> str | tuple[str, int]:
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
+    from kvmkit.qmp.errors import UsageError
+
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -55,6 +55,8 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
 
 
 async def _execute(args: argparse.Namespace, arguments: dict[str, Any] | None) -> int:
+    from kvmkit.qmp import ExecuteError, QMPError, open_qmp
+
     async with open_qmp(
         parse_address(args.address),
         connect_timeout=args.connect_timeout,
@@ -73,16 +75,16 @@ async def _execute(args: argparse.Namespace, arguments: dict[str, Any] | None) -
 
 
 async def _follow(args: argparse.Namespace, match: dict[str, Any] | None) -> int:
+    from kvmkit.qmp import DisconnectedError, open_qmp
+
     async with open_qmp(parse_address(args.address), connect_timeout=args.connect_timeout) as qmp:
-        async with qmp.listen(*args.events, match=match, overflow="drop-oldest") as events:
+        # Back-pressure, not loss: while this loop writes an event, QEMU's next ones wait
+        # in the socket and the listener's buffer, however long the writing takes.
+        async with qmp.listen(*args.events, match=match, overflow="block") as events:
             print(f"following events on {qmp.address} (Ctrl-C to stop)", file=sys.stderr)
-            reported = 0
             try:
                 async for event in events:
                     print(json.dumps(dict(event)), flush=True)
-                    if events.dropped > reported:
-                        reported = events.dropped
-                        print(f"warning: {reported} events dropped so far", file=sys.stderr)
             except DisconnectedError:
                 # QEMU quitting ends the stream; that is how following usually stops.
                 print(f"{qmp.address} closed the connection", file=sys.stderr)
@@ -90,6 +92,12 @@ async def _follow(args: argparse.Namespace, match: dict[str, Any] | None) -> int
 
 
 def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from kvmkit.qmp.errors import UsageError, check_timeout
+
+    check_timeout(args.timeout, "--timeout", allow_inf=False)
+    check_timeout(args.connect_timeout, "--connect-timeout", allow_inf=False)
     if args.events is not None:
         if args.command_name is not None:
             raise UsageError("give either COMMAND or --events, not both")

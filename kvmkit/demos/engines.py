@@ -80,7 +80,8 @@ class EngineRun:
     boot_s: float = 0.0
     exits: int | None = None
     answer: str = ""
-    skipped: str | None = None
+    skipped: str | None = None  # this host lacks what the engine needs: why
+    failed: str | None = None  # the engine was tried and raised: the error
 
     @property
     def rate(self) -> float:
@@ -215,25 +216,24 @@ def compare_engines(
                     break
                 n = min(n * (100 if spent < target_s / 50 else 10), MAX_N)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            run.skipped = f"failed: {exc}"
+            run.failed = f"{type(exc).__name__}: {exc}"
     return runs
 
 
-def format_engines(runs: list[EngineRun]) -> str:
-    """A table with the slowdown of each engine against the fastest."""
-    best = max((r.rate for r in runs if r.skipped is None), default=0.0)
-    lines = [
-        f"  {'engine':<22} {'n':>13} {'workload':>9} {'boot':>8} {'exits':>6} {'numbers/s':>10} {'slowdown':>9}",
-    ]
+ENGINE_COLUMNS = ["engine", "n", "workload s", "boot s", "exits", "numbers/s", "slowdown"]
+
+
+def engine_rows(runs: list[EngineRun]) -> list[list[Any]]:
+    """Table rows with the slowdown of each engine against the fastest; skipped and
+    FAILED engines say so."""
+    best = max((r.rate for r in runs if r.skipped is None and r.failed is None), default=0.0)
+    rows: list[list[Any]] = []
     for r in runs:
-        if r.skipped:
-            lines.append(f"  {r.engine:<22} skipped: {r.skipped}")
+        if r.skipped or r.failed:
+            what = f"FAILED: {r.failed}" if r.failed else f"skipped: {r.skipped}"
+            rows.append([r.engine, what, "", "", "", "", ""])
             continue
-        slow = f"{best / r.rate:8.1f}x" if r.rate else "       -"
-        exits = f"{r.exits:>6}" if r.exits is not None else f"{'n/a':>6}"
-        lines.append(
-            f"  {r.engine:<22} {r.n:>13,} {r.compute_s:>8.3f}s {r.boot_s:>7.3f}s {exits} {r.rate:>10.3g} {slow}"
-        )
-    answers = {r.answer for r in runs if r.skipped is None}
-    lines.append("  every engine computed: " + "; ".join(sorted(answers)))
-    return "\n".join(lines)
+        slow = f"{best / r.rate:.1f}x" if r.rate else "-"
+        exits = r.exits if r.exits is not None else "n/a"
+        rows.append([r.engine, r.n, r.compute_s, r.boot_s, exits, f"{r.rate:.3g}", slow])
+    return rows

@@ -1,67 +1,60 @@
-"""A small progress display for the demo: a heading and explanation per step, then one
-line per task that shows it running (a spinner on a terminal) and how long it took."""
+"""The demo's display, drawn by rich: a heading and explanation per step, tables (through
+:func:`kvmkit.ui.make_table`), and one line per task that shows it running (a rich
+spinner on a terminal, a plain line elsewhere) and then how it ended.  Output goes to
+the stream the demo was given, so tests can read it."""
 
 from __future__ import annotations
 
-import itertools
 import sys
-import textwrap
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.padding import Padding
+
+from kvmkit.ui import make_table
 
 
 class Progress:
     def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
-        self.tty = out.isatty()
+        self.console = Console(
+            file=out, highlight=False, width=None if out.isatty() else 120, soft_wrap=False
+        )
 
     def step(self, number: int, title: str, explanation: str) -> None:
-        self.out.write(
-            f"\n\033[1mStep {number}: {title}\033[0m\n"
-            if self.tty
-            else f"\nStep {number}: {title}\n"
-        )
-        for line in textwrap.wrap(explanation, 88):
-            self.out.write(f"  {line}\n")
-        self.out.flush()
+        self.console.print()
+        self.console.print(f"Step {number}: {title}", style="bold", markup=False)
+        self.console.print(Padding(explanation, (0, 0, 0, 2)), markup=False)
 
     def say(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        self.console.print(text, markup=False, soft_wrap=True)
+
+    def table(
+        self, columns: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[str] = ()
+    ) -> None:
+        self.console.print(Padding(make_table(columns, rows, numeric=numeric), (0, 0, 0, 2)))
 
     def skip(self, reason: str) -> None:
         self.say(f"  skipped: {reason}")
 
+    def fail(self, error: str) -> None:
+        self.console.print(f"  FAILED: {error}", style="bold red", markup=False)
+
     @contextmanager
     def task(self, label: str) -> Iterator[None]:
-        """Show ``label`` while the block runs, then its duration (or its failure)."""
+        """Show ``label`` while the block runs, then its duration (or FAILED)."""
         start = time.monotonic()
-        stop = threading.Event()
-        spinner: threading.Thread | None = None
-        if self.tty:
-
-            def spin() -> None:
-                for ch in itertools.cycle("|/-\\"):
-                    if stop.wait(0.15):
-                        return
-                    self.out.write(f"\r  {ch} {label} ({time.monotonic() - start:.0f} s)")
-                    self.out.flush()
-
-            spinner = threading.Thread(target=spin, daemon=True)
-            spinner.start()
-        else:
-            self.say(f"  ... {label}")
         ok = False
         try:
-            yield
+            if self.console.is_terminal:
+                with self.console.status(f"  {label}", spinner="line"):
+                    yield
+            else:
+                self.say(f"  ... {label}")
+                yield
             ok = True
         finally:
-            stop.set()
-            if spinner is not None:
-                spinner.join()
-                self.out.write("\r\033[K")
             mark = "ok" if ok else "FAILED"
-            self.say(f"  {mark:>3} {label} ({time.monotonic() - start:.1f} s)")
+            self.say(f"  {mark:>6} {label} ({time.monotonic() - start:.1f} s)")

@@ -29,10 +29,13 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _engines(figs: list[dict[str, Any]], out: Path, md: list[str]) -> None:
-    done = [e for e in figs if not e.get("skipped")]
+    done = [e for e in figs if not e.get("skipped") and not e.get("failed")]
     best = max((e["rate_per_s"] for e in done), default=0.0)
     rows = []
     for e in figs:
+        if e.get("failed"):
+            rows.append([e["engine"], "-", "-", "-", "-", "-", f"FAILED: {e['failed']}"])
+            continue
         if e.get("skipped"):
             rows.append([e["engine"], "-", "-", "-", "-", "-", f"skipped: {e['skipped']}"])
             continue
@@ -70,34 +73,38 @@ def _engines(figs: list[dict[str, Any]], out: Path, md: list[str]) -> None:
         md += ["![engine comparison](engines.png)", ""]
 
 
-def _exits(figs: list[dict[str, Any]], out: Path, md: list[str]) -> None:
-    rows = [
-        [
-            c["case"],
-            c["loop"],
-            str(c["exits"]),
-            f"{c['in_kvm_run_us']:.2f}",
-            f"{c['in_vmm_us']:.2f}",
-            f"{c['total_us']:.2f}",
-        ]
-        for c in figs
-    ]
+def _exits(figs: dict[str, Any], out: Path, md: list[str]) -> None:
+    from kvmkit.demos.exits import AGREEMENT, ExitFigure, ExitTable, table_rows
+
+    fields = ("case", "way", "n1", "n2", "marks_us", "whole_process_us", "samples")
+    table = ExitTable(
+        [ExitFigure(**{k: f[k] for k in fields}) for f in figs["figures"]],
+        dict(figs.get("unavailable", {})),
+    )
     md += [
         "## Exit cost by kind (µs per exit)",
         "",
-        "Inside `KVM_RUN`: guest code, world switch and KVM's handling in the kernel. In the VMM: kvmkit "
-        "between two `KVM_RUN` calls.",
+        "Between the guest's own two marks, so set-up is outside on every side; checked "
+        "against whole processes of N1 and N2 exits, (T(N2) - T(N1)) / (N2 - N1). A figure "
+        f"whose two measures differ by more than {AGREEMENT:.0%} is marked UNRELIABLE.",
         "",
-        _table(["exit", "loop", "exits", "in KVM_RUN", "in VMM", "total"], rows),
+        _table(
+            ["exit", "way", "µs/exit", "vs raw C", "whole-process µs/exit"],
+            [[str(c) for c in row] for row in table_rows(table)],
+        ),
         "",
     ]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{c['case']}\n{c['loop']}" for c in figs]
-    run = [c["in_kvm_run_us"] for c in figs]
-    vmm = [c["in_vmm_us"] for c in figs]
-    ax.barh(labels, run, color="#4477aa", label="in KVM_RUN (guest + kernel)")
-    ax.barh(labels, vmm, left=run, color="#ee6677", label="in the VMM (kvmkit)")
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table.figures) + 1.2))
+    labels = [f"{f.case}: {f.way}" for f in table.figures]
+    ax.barh(labels, [f.marks_us for f in table.figures], color="#4477aa", label="guest marks")
+    ax.plot(
+        [f.whole_process_us for f in table.figures],
+        labels,
+        "o",
+        color="#ee6677",
+        label="whole processes",
+    )
     ax.set_xlabel("µs per exit")
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
@@ -180,10 +187,12 @@ def _benchmarks(results: list[dict[str, Any]], out: Path, md: list[str]) -> None
         table = [
             [
                 r["case"],
-                f"{r['value']:.2f} {r['unit']}",
+                f"{r['value']:.2f} {r['unit']}"
+                + ("" if r.get("reliable") or r.get("published") else " (UNRELIABLE)"),
                 f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
                 r.get("baseline_case") or "",
-                r.get("target") or "",
+                f"{r['check']:.2f}" if r.get("check") is not None else "-",
+                r.get("target") or (f"published: {r['published']}" if r.get("published") else ""),
             ]
             for r in rows
         ]
@@ -191,7 +200,7 @@ def _benchmarks(results: list[dict[str, Any]], out: Path, md: list[str]) -> None
         md += [
             f"### {name}",
             "",
-            _table(["case", "value", "ratio", "baseline", "target"], table),
+            _table(["case", "value", "ratio", "baseline", "cross-check", "target"], table),
             "",
         ]
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
@@ -245,10 +254,27 @@ def write_report(figures: dict[str, Any], directory: Path) -> Path:
         _linux(linux, directory, md)
     if figures.get("benchmarks"):
         _benchmarks(figures["benchmarks"], directory, md)
+    if figures.get("failed"):
+        md += (
+            ["## FAILED", ""]
+            + [f"- {step}: {why}" for step, why in figures["failed"].items()]
+            + [""]
+        )
     if figures.get("skipped"):
         md += (
             ["## Skipped", ""]
             + [f"- {step}: {why}" for step, why in figures["skipped"].items()]
+            + [""]
+        )
+    status = figures.get("status") or {}
+    if status:
+        md += (
+            ["## Benchmarks run", ""]
+            + [
+                f"- {name}: {s['status'].upper() if s['status'] == 'failed' else s['status']}"
+                + (f" ({s['detail']})" if s.get("detail") else "")
+                for name, s in status.items()
+            ]
             + [""]
         )
     (directory / "figures.json").write_text(json.dumps(figures, indent=2, default=str))

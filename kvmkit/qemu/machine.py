@@ -58,6 +58,15 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
+def default_signal_dispositions() -> None:
+    """Run in the child between fork and exec: SIGINT/SIGTERM/SIGHUP/SIGQUIT back to their
+    defaults and nothing blocked, since an ignored signal survives exec (a kvmkit started
+    from a background job has SIGINT ignored, and its QEMU would inherit that)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 class QemuMachine(trio.abc.AsyncResource):
     """One QEMU guest.  Use as ``async with`` (or :meth:`launch` then :meth:`aclose` in
     the same task).
@@ -249,6 +258,7 @@ class QemuMachine(trio.abc.AsyncResource):
                         stdout=log,
                         stderr=log,
                         pass_fds=(theirs.fileno(),) if theirs is not None else (),
+                        preexec_fn=default_signal_dispositions,
                     )
                 except OSError as exc:
                     raise LaunchError(

@@ -33,6 +33,7 @@ from kvmkit.qmp.errors import (
     QMPProtocolError,
     QMPTimeoutError,
     UsageError,
+    check_timeout,
 )
 from kvmkit.qmp.events import DEFAULT_BUFFER, EventListener, Overflow
 from kvmkit.qmp.protocol import (
@@ -62,6 +63,29 @@ _HIGH_WATER = 1 << 20
 IN_BAND_WINDOW = 8
 
 
+class WarningLimit:
+    """Aggregates repeated warnings of one kind, so a hostile or broken server cannot make
+    the client log once per message without bound: the first :attr:`FIRST` of a kind are
+    logged, then only the 10th, 100th, 1000th ... with the count so far."""
+
+    FIRST = 3
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def allows(self, kind: str) -> bool:
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= self.FIRST:
+            return True
+        while n % 10 == 0:
+            n //= 10
+        return n == 1
+
+    def suffix(self, kind: str) -> str:
+        n = self.counts.get(kind, 0)
+        return "" if n <= self.FIRST else f" ({n} so far; only every power of ten is logged)"
+
+
 class _Waiter:
     """One caller waiting for its reply; woken with ``reply`` set, by the timer (reply
     None, ``timed_out``) or by a failed connection (reply None)."""
@@ -86,6 +110,7 @@ class QMPClient(trio.abc.AsyncResource):
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         ids: bool = False,
     ) -> None:
+        check_timeout(command_timeout, "command_timeout")
         self._transport = transport
         self._proto = QMPProtocol(negotiate=negotiate, max_message_size=max_message_size, ids=ids)
         self._window = trio.lowlevel.ParkingLot()
@@ -112,6 +137,7 @@ class QMPClient(trio.abc.AsyncResource):
         self._validate = False
         #: The greeting as received (a qemu.qmp Message), once it arrived.
         self.greeting_message: Message | None = None
+        self._warn_limit = WarningLimit()
 
     # -- state -------------------------------------------------------------------------
 
@@ -176,6 +202,7 @@ class QMPClient(trio.abc.AsyncResource):
     ) -> Any:
         if self._error is not None:
             raise self._gone(command)
+        check_timeout(timeout)
         if timeout is None:
             timeout = self.command_timeout
         wait_time = timeout
@@ -315,6 +342,7 @@ class QMPClient(trio.abc.AsyncResource):
         The listener subscribes before the command is sent, so an event that arrives
         before the reply is not missed.  ``timeout`` covers the reply and the event.
         """
+        check_timeout(timeout)
         deadline = trio.current_time() + timeout
         async with self.listen(event, match=match) as events:
             result = await self.execute(command, arguments, timeout=timeout)
@@ -484,7 +512,8 @@ class QMPClient(trio.abc.AsyncResource):
                             waiter.reply = item.message
                             waiter.event.set()
                     elif type(item) is EventItem:
-                        self._dispatch_event(item.message)
+                        for listener in self._dispatch_event(item.message):
+                            await listener.put(item.message)  # overflow="block"
                     else:
                         self._handle(item)
                 if self._window:
@@ -496,14 +525,19 @@ class QMPClient(trio.abc.AsyncResource):
         except Exception as exc:
             self._fail(exc)
 
-    def _dispatch_event(self, message: Message) -> None:
+    def _dispatch_event(self, message: Message) -> list[EventListener]:
+        """Give ``message`` to every listener that wants it; return the full listeners
+        whose policy is to block the reader until they have room."""
         name = message.get("event")
         if not isinstance(name, str):
-            logger.warning("%s: event without a name dropped: %r", self.address, message)
-            return
-        for listener in self._listeners:
-            if listener.wants(name, message):
-                listener.push(message)
+            if self._warn_limit.allows("nameless event"):
+                logger.warning("%s: event without a name dropped: %r", self.address, message)
+            return []
+        return [
+            listener
+            for listener in list(self._listeners)
+            if listener.wants(name, message) and not listener.push(message)
+        ]
 
     def _handle(self, item: object) -> None:
         if isinstance(item, GreetingItem):
@@ -515,9 +549,13 @@ class QMPClient(trio.abc.AsyncResource):
         elif isinstance(item, NegotiatedItem):
             self._ready.set()
         elif isinstance(item, DroppedReply):
-            if item.reason != "abandoned":
+            if item.reason != "abandoned" and self._warn_limit.allows("dropped reply"):
                 logger.warning(
-                    "%s: reply dropped (%s): %r", self.address, item.reason, item.message
+                    "%s: reply dropped (%s): %r%s",
+                    self.address,
+                    item.reason,
+                    item.message,
+                    self._warn_limit.suffix("dropped reply"),
                 )
         elif isinstance(item, ClosedItem) and item.partial:
             logger.warning("%s: connection closed in the middle of a message", self.address)
@@ -608,6 +646,8 @@ async def open_qmp(
     are matched in issue order, as the QMP spec guarantees (QEMU answers faster without
     ids; see :mod:`kvmkit.qmp.protocol`).
     """
+    check_timeout(connect_timeout, "connect_timeout")
+    check_timeout(command_timeout, "command_timeout")
     body_error: BaseException | None = None
     try:
         with trio.fail_after(connect_timeout):

@@ -103,3 +103,19 @@ class EventOverflowError(QMPError):
 
 class UsageError(QMPError):
     """The client was asked to do something it cannot do in its state or on its transport."""
+
+
+def check_timeout(value: float | None, what: str = "timeout", *, allow_inf: bool = True) -> None:
+    """Refuse a negative or NaN number of seconds (and infinity unless ``allow_inf``) with
+    :class:`UsageError`; None passes (it means "the default")."""
+    if value is None:
+        return
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{what} must be a number of seconds, not {value!r}")
+    if math.isnan(value) or value < 0 or (math.isinf(value) and not allow_inf):
+        raise UsageError(
+            f"{what} must be a {'' if allow_inf else 'finite, '}non-negative number of "
+            f"seconds, not {value!r}"
+        )

@@ -17,7 +17,10 @@ events (the reader never blocks on a slow listener, so replies keep flowing).  W
 counted, and the consumer gets an :class:`~kvmkit.qmp.errors.EventOverflowError` once it
 has read the events buffered before the gap, so a loss is never silent.  With
 ``overflow="drop-oldest"`` the oldest buffered event makes room and ``dropped`` counts
-the losses (for consumers that only care about recent state).
+the losses (for consumers that only care about recent state).  With ``overflow="block"``
+nothing is lost: a full listener makes the client's reader wait until the consumer has
+read one (back-pressure; replies wait too, so use it only for a consumer that keeps
+reading, such as ``kvmkit qmp --events``).
 
 When the connection is lost the consumer first gets the buffered events, then
 :class:`~kvmkit.qmp.errors.DisconnectedError`; when the client is closed on purpose,
@@ -39,6 +42,7 @@ from kvmkit.qmp.errors import (
     EventOverflowError,
     QMPTimeoutError,
     UsageError,
+    check_timeout,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +51,8 @@ if TYPE_CHECKING:
 #: Default number of events a listener buffers before its overflow policy applies.
 DEFAULT_BUFFER = 1024
 
-Overflow = Literal["error", "drop-oldest"]
+Overflow = Literal["error", "drop-oldest", "block"]
+OVERFLOW_POLICIES = ("error", "drop-oldest", "block")
 
 
 def data_matches(data: Any, match: Mapping[str, Any]) -> bool:
@@ -80,9 +85,10 @@ class EventListener:
     ) -> None:
         if buffer < 1:
             raise UsageError(f"an event listener needs a buffer of at least 1, not {buffer}")
-        if overflow not in ("error", "drop-oldest"):
+        if overflow not in OVERFLOW_POLICIES:
             raise UsageError(
-                f"unknown overflow policy {overflow!r}", hint="use 'error' or 'drop-oldest'"
+                f"unknown overflow policy {overflow!r}",
+                hint="use " + ", ".join(repr(p) for p in OVERFLOW_POLICIES),
             )
         self._client = client
         self.names: frozenset[str] | None = frozenset(names) or None
@@ -93,6 +99,7 @@ class EventListener:
         self.dropped = 0
         self._queue: deque[Message] = deque()
         self._wakeup: trio.Event | None = None
+        self._room: trio.Event | None = None
         self._end: BaseException | None = None
         self._ended = False
 
@@ -105,20 +112,32 @@ class EventListener:
             return data_matches(message.get("data", {}), self.match)
         return True
 
-    def push(self, message: Message) -> None:
+    def push(self, message: Message) -> bool:
+        """Queue ``message`` under the overflow policy; False only when the buffer is
+        full and the policy is ``block`` (the caller then awaits :meth:`put`)."""
         if len(self._queue) >= self.buffer:
+            if self.overflow == "block":
+                return self._ended  # an ended listener takes nothing more: do not wait
             self.dropped += 1
             if self.overflow == "drop-oldest":
                 self._queue.popleft()
             else:
-                return
+                return True
         elif self.dropped and self.overflow == "error":
             # Once events were lost, do not deliver later ones as if nothing happened.
             self.dropped += 1
-            return
+            return True
         self._queue.append(message)
         if self._wakeup is not None:
             self._wakeup.set()
+        return True
+
+    async def put(self, message: Message) -> None:
+        """Wait until the buffer has room (or the listener ended), then queue
+        ``message``: the reader's side of ``overflow="block"``."""
+        while not self.push(message):
+            self._room = trio.Event()
+            await self._room.wait()
 
     def end(self, exc: BaseException | None) -> None:
         """No more events will come; ``exc`` is raised after the buffered ones, if given."""
@@ -128,6 +147,8 @@ class EventListener:
         self._end = exc
         if self._wakeup is not None:
             self._wakeup.set()
+        if self._room is not None:
+            self._room.set()
 
     # -- consumer side ---------------------------------------------------------------------
 
@@ -165,7 +186,10 @@ class EventListener:
             finally:
                 self._wakeup = None
         await trio.lowlevel.checkpoint_if_cancelled()
-        return self._queue.popleft()
+        message = self._queue.popleft()
+        if self._room is not None:
+            self._room.set()
+        return message
 
     async def get(self, timeout: float | None = None) -> Message:
         """The next event; raises QMPTimeoutError after ``timeout`` seconds (None: wait).
@@ -173,6 +197,7 @@ class EventListener:
         Raises DisconnectedError (connection lost) or StopAsyncIteration (listener or
         client closed) when no event can come any more.
         """
+        check_timeout(timeout)
         if timeout is None:
             return await self.__anext__()
         with trio.move_on_after(timeout):

@@ -31,7 +31,7 @@ import trio
 from qemu.qmp import Message
 
 from kvmkit.qmp.client import DEFAULT_EVENT_TIMEOUT, QMPClient, open_qmp
-from kvmkit.qmp.errors import DisconnectedError, QMPTimeoutError, UsageError
+from kvmkit.qmp.errors import DisconnectedError, QMPTimeoutError, UsageError, check_timeout
 from kvmkit.qmp.events import DEFAULT_BUFFER, EventListener, Overflow
 from kvmkit.qmp.schema import Schema
 from kvmkit.qmp.transport import Address
@@ -100,6 +100,7 @@ class SyncQMPClient:
     ) -> None:
         if isinstance(address, trio.abc.Stream):
             raise UsageError("the synchronous client needs a socket address, not a trio stream")
+        check_timeout(connect_timeout, "connect_timeout", allow_inf=False)
         self._ready: queue.Queue[BaseException | None] = queue.Queue()
         self._client: QMPClient | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -166,6 +167,7 @@ class SyncQMPClient:
         return self.client.greeting
 
     def _run(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None) -> T:
+        check_timeout(timeout)
         if self.closed:
             raise DisconnectedError("the synchronous QMP client is closed")
         if self._thread is threading.current_thread():

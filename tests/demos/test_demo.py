@@ -3,9 +3,12 @@ and are real PNGs/JSON/Markdown that show those figures."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from pathlib import Path
+
+import pytest
 
 from kvmkit.demos.main import DemoOptions, run_demo
 
@@ -19,6 +22,7 @@ def test_quick_demo_produces_every_figure_and_the_report(
     figures = run_demo(DemoOptions(quick=True, report=tmp_path), out=out)
     text = out.getvalue()
     assert figures["skipped"] == {}, figures["skipped"]
+    assert figures["failed"] == {}, figures["failed"]
     for step in ("Step 1", "Step 2", "Step 3", "Step 4"):
         assert step in text
 
@@ -35,9 +39,12 @@ def test_quick_demo_produces_every_figure_and_the_report(
         assert f"primes below {e['n']}" in e["answer"]
     assert engines["kvmkit runner, CPL 3"]["exits"] > 0
 
-    kinds = {(c["case"], c["loop"]) for c in figures["exits"]}
-    assert len(kinds) == 6
-    assert all(c["exits"] >= 2000 and c["in_kvm_run_us"] > 0 for c in figures["exits"])
+    exit_figures = figures["exits"]["figures"]
+    ways = {f["way"] for f in exit_figures}
+    assert ways == {"raw C KVM_RUN loop", "kvmkit C fast path", "kvmkit Python loop"}
+    assert len(exit_figures) == 9
+    assert all(f["marks_us"] > 0 and f["n2"] > f["n1"] for f in exit_figures)
+    assert "raw C KVM_RUN loop" in text
 
     linux = figures["linux"]
     assert linux["hotplug_disk"]["guest_name"].startswith("vd")
@@ -52,3 +59,29 @@ def test_quick_demo_produces_every_figure_and_the_report(
     assert f"{linux['migration']['downtime_ms']} ms" in report
     assert engines["QEMU -accel tcg"]["engine"] in report
     assert json.loads((tmp_path / "figures.json").read_text())["engines"] == figures["engines"]
+
+
+def test_a_step_that_raises_is_failed_not_skipped(
+    require_kvm: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The demo's own reporting path: a step whose measurement raises is FAILED with the
+    error, the other steps still run, and ``kvmkit demo`` exits 1."""
+    from kvmkit.commands import demo as demo_command
+    from kvmkit.demos import engines, exits
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("deliberately broken step")
+
+    monkeypatch.setattr(exits, "measure", broken)
+    monkeypatch.setattr(engines, "compare_engines", broken)
+    out = io.StringIO()
+    figures = run_demo(DemoOptions(quick=True, linux=False, report=tmp_path), out=out)
+    assert figures["failed"] == {
+        "engines": "RuntimeError: deliberately broken step",
+        "exits": "RuntimeError: deliberately broken step",
+    }
+    assert "linux" in figures["skipped"] and "exits" not in figures["skipped"]
+    assert "FAILED: RuntimeError: deliberately broken step" in out.getvalue()
+    assert "## FAILED" in (tmp_path / "report.md").read_text()
+    args = argparse.Namespace(quick=True, report=None, no_linux=True)
+    assert demo_command.run(args) == 1

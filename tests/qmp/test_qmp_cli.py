@@ -153,3 +153,13 @@ def test_usage_errors() -> None:
 def test_help(flag: str) -> None:
     done = kvmkit(flag)
     assert done.returncode == 0 and "--events" in done.stdout
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_absurd_timeouts_get_a_one_line_error(value: str, tmp_path: Path) -> None:
+    for option in ("--connect-timeout", "--timeout"):
+        done = kvmkit(str(tmp_path / "none.sock"), "query-status", f"{option}={value}")
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "finite, non-negative number of seconds" in lines[0], lines
+        assert "Traceback" not in done.stderr

@@ -394,10 +394,18 @@ async def test_cancelled_callers_do_not_disturb_others(
     client_end, server = fake_pair
     nursery.start_soon(server.greet)
     release = trio.Event()
+    received: list[str] = []
 
     async def serve_late() -> None:
         await release.wait()
-        await server.serve_echo()
+        while True:  # serve_echo, recording what reached the server
+            try:
+                request = await server.recv()
+            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            received.append(request["execute"])
+            reply = {"command": request.get("execute"), "args": request.get("arguments")}
+            await server.send({"return": reply, **server.id_of(request)})
 
     async with open_qmp(client_end) as qmp:
         nursery.start_soon(serve_late)
@@ -425,9 +433,12 @@ async def test_cancelled_callers_do_not_disturb_others(
         assert sorted(results) == list(range(1, 40, 2))
         assert all(results[i] == {"command": f"c{i}", "args": {"i": i}} for i in results)
         assert (await qmp.execute("after"))["command"] == "after"
-        # Only IN_BAND_WINDOW (8) commands were written before the server answered; the
-        # 4 cancelled among them had their replies dropped, the other 16 were never sent.
-        assert qmp.dropped_replies == 4
+        # Cancelled commands that had already been written got their replies dropped
+        # (which of them were written first depends on trio's scheduling order); the
+        # cancelled ones still waiting to be written were never sent.
+        sent_cancelled = [c for c in received if c.startswith("c") and int(c[1:]) % 2 == 0]
+        assert qmp.dropped_replies == len(sent_cancelled)
+        assert len(sent_cancelled) < 20
 
 
 def device(event: Any) -> Any:
