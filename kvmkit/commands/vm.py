@@ -68,8 +68,8 @@ COUNT = _number(int, 1, 255)
 
 # -- define / start -----------------------------------------------------------------------
 
-_DEFINE_OPTIONS = ("kernel", "initrd", "append", "memory", "maxmem", "cpus", "maxcpus", "disk")
-_DEFINE_OPTIONS += ("machine", "accel", "network", "boot")
+_DEFINE_OPTIONS: tuple[str, ...] = ("kernel", "initrd", "append", "memory", "maxmem", "cpus")
+_DEFINE_OPTIONS += ("maxcpus", "disk", "machine", "accel", "network", "boot")
 
 
 def _definition_from_args(args: argparse.Namespace) -> Any:
@@ -181,8 +181,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         print_table(
             ["Name", "State", "PID", "Max memory", "CPUs", "Autostart"],
             [
-                [r["name"], r["state"], str(r["pid"] or "-"), f"{r['memory_mib']} MiB", r["cpus"],
-                 "yes" if r["autostart"] else "no"]  # fmt: skip
+                [
+                    r["name"],
+                    r["state"],
+                    str(r["pid"] or "-"),
+                    f"{r['memory_mib']} MiB",
+                    r["cpus"],
+                    "yes" if r["autostart"] else "no",
+                ]  # fmt: skip
                 for r in rows
             ],
             numeric=("PID", "Max memory", "CPUs"),
@@ -304,7 +310,7 @@ def cmd_qmp(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _error(f"arguments are not valid JSON: {exc}", "pass one JSON object") from None
     if arguments is not None and not isinstance(arguments, dict):
-        raise _error("arguments must be a JSON object", 'e.g. \'{"value": 1}\'')
+        raise _error("arguments must be a JSON object", "e.g. '{\"value\": 1}'")
     dom = _domain(args.name)
 
     async def main() -> int:
@@ -323,13 +329,13 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    _run(_domain(args.name).suspend)
+    trio.run(_domain(args.name).suspend)
     _say(f"Domain {args.name} suspended")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    _run(_domain(args.name).resume)
+    trio.run(_domain(args.name).resume)
     _say(f"Domain {args.name} resumed")
     return 0
 
@@ -556,7 +562,9 @@ def _add_affect_options(p: argparse.ArgumentParser, persistent: bool) -> None:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("vm", help="define, start, drive and migrate QEMU guests (virsh)")
+    parser = subparsers.add_parser(
+        "vm", help="define, start, drive and migrate QEMU guests (virsh)"
+    )
     sub = parser.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
 
     def verb(name: str, func: Callable[[argparse.Namespace], int], text: str, **kw: Any) -> Any:

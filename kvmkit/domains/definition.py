@@ -270,7 +270,9 @@ class Definition:
             initrd=self.boot.initrd if self.boot.kind == "kernel" else None,
             append=self.boot.append if self.boot.kind == "kernel" else None,
             drives=[
-                Drive(d.source, format=cast(DiskFormat, d.format), node=d.target, readonly=d.readonly)
+                Drive(
+                    d.source, format=cast(DiskFormat, d.format), node=d.target, readonly=d.readonly
+                )
                 for d in self.disks
             ],
             network="user" if self.nics else "none",

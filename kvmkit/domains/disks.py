@@ -64,7 +64,7 @@ def find(listed: list[dict[str, Any]], target: str | None, source: str | Path | 
     wanted = str(Path(source).resolve()) if source is not None else None
     for disk in listed:
         if disk["target"] == target or (wanted is not None and disk["source"] == wanted):
-            return disk["target"]
+            return str(disk["target"])
     what = f"target {target}" if target is not None else f"source {wanted}"
     known = ", ".join(f"{d['target']} ({d['source']})" for d in listed) or "none"
     raise DomainError(f"no disk with {what}; disks: {known}")

@@ -365,7 +365,8 @@ class Domain:
             "pid": state.identity.pid if state else None,
             "accel": state.accel if state else None,
         }
-        if state is not None:
+        if state is not None:  # what runs, not what the next start will give
+            info["max_memory_mib"] = state.config.memory_mib
             async with self.qmp() as qmp:
                 info["cpus"] = len(await qmp.execute("query-cpus-fast"))
                 with contextlib.suppress(ExecuteError):
@@ -432,7 +433,8 @@ class Domain:
         with self.store.lock(self.name):
             if self.is_active():
                 raise DomainError(
-                    f"domain {self.name} is running", hint="shut it down first (disks must be quiet)"
+                    f"domain {self.name} is running",
+                    hint="shut it down first (disks must be quiet)",
                 )
             disks.clone_domain(self.store, self.definition, new_name, linked=linked)
         return Domain(new_name, self.store)
@@ -454,9 +456,7 @@ class Domain:
             try:
                 if uri is not None:
                     async with self.qmp() as src:
-                        return await migration.migrate(
-                            src, uri, options=options, progress=progress
-                        )
+                        return await migration.migrate(src, uri, options=options, progress=progress)
                 stats = await self._migrate_local(state, options, progress)
                 old = QemuMachine.adopt(state.config, self.folder / state.run_dir, proc)
                 await old.shutdown(graceful=False)  # paused in postmigrate: quit
@@ -477,16 +477,17 @@ class Domain:
             live = await disks.live_disks(src)
         config, hot = disks.mirror_config(state.config, live)
         dest = QemuMachine(
-            config, directory=self.store.new_run_dir(self.name), detached=True, incoming="defer"
+            config,
+            directory=self.store.new_run_dir(self.name, keep=state.run_dir),
+            detached=True,
+            incoming="defer",
         )
         await dest.launch()
         try:
             for disk in hot:
                 await hotplug.add_disk(dest.qmp, disk.path, fmt=disk.format, disk_id=disk.node)
             async with self.qmp() as src:
-                uri = await migration.prepare_incoming(
-                    dest.qmp, migration.local_uri(dest), options
-                )
+                uri = await migration.prepare_incoming(dest.qmp, migration.local_uri(dest), options)
                 stats = await migration.migrate(
                     src, uri, options=options, dest=dest.qmp, progress=progress
                 )

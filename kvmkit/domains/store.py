@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -106,8 +107,10 @@ class RunState:
             raise ValueError(f"bad pid {pid!r}")
         if not isinstance(created, int | float) or not 0 < created < 1e12:
             raise ValueError(f"bad start time {created!r}")
-        if not isinstance(cmdline, list) or not cmdline or not all(
-            isinstance(a, str) for a in cmdline
+        if (
+            not isinstance(cmdline, list)
+            or not cmdline
+            or not all(isinstance(a, str) for a in cmdline)
         ):
             raise ValueError("bad command line")
         if not isinstance(run_dir, str) or not run_dir.startswith("run-") or "/" in run_dir:
@@ -226,8 +229,22 @@ class DomainStore:
             return None, None
         return state, find(state.identity)
 
-    def new_run_dir(self, name: str) -> Path:
-        return self.folder(name) / f"run-{time.time_ns()}"
+    def new_run_dir(self, name: str, keep: str | None = None) -> Path:
+        """A fresh run folder, after removing those no QEMU uses (except ``keep``, the
+        running QEMU's).  Raises
+        UntrustedStateError when one still answers on its QMP socket: a QEMU that no state
+        file records (kvmkit died between launch and record) runs for this domain."""
+        folder = self.folder(name)
+        for stray in folder.glob("run-*"):
+            if stray.name == keep:
+                continue
+            if _answers(stray / "qmp.sock"):
+                raise UntrustedStateError(
+                    f"a QEMU that no state file records still serves {stray / 'qmp.sock'}",
+                    hint=f"stop that QEMU (e.g. QMP quit on that socket), then remove {stray}",
+                )
+            shutil.rmtree(stray, ignore_errors=True)
+        return folder / f"run-{time.time_ns()}"
 
     # -- lock ------------------------------------------------------------------------------
 
@@ -255,3 +272,14 @@ class DomainStore:
             yield
         finally:
             os.close(fd)
+
+
+def _answers(path: Path) -> bool:
+    """True when something listens on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

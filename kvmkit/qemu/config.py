@@ -239,6 +239,7 @@ def _blockdev_json(drive: Drive, layer: str = "format") -> str:
     protocol node ``<node>-file`` for ``layer="file"``, else the format node."""
     if drive.format not in ("qcow2", "raw"):
         raise QemuError(f"unknown disk format {drive.format!r}", hint="use qcow2 or raw")
+    spec: dict[str, str | bool]
     if layer == "file":
         spec = {"driver": "file", "filename": drive.path, "node-name": f"{drive.node}-file"}
     else:
