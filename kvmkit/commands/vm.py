@@ -375,7 +375,7 @@ def cmd_autostart(args: argparse.Namespace) -> int:
     from kvmkit.domains import start_autostart
 
     if args.run:
-        started = trio.run(start_autostart)
+        started = trio.run(lambda: start_autostart(wait_ready=args.wait))
         _say(f"autostart: started {len(started)} domain(s) {' '.join(started)}".rstrip())
         return 0
     if not args.name:
@@ -639,6 +639,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("--disable", action="store_true")
     p.add_argument("--run", action="store_true")
+    p.add_argument("--wait", type=SECONDS, default=0.0, help="with --run: seconds per guest kit")
     p = named("qmp", cmd_qmp, "send one QMP command and print the reply")
     p.add_argument("qmp_command", metavar="command")
     p.add_argument("arguments", nargs="?", help="JSON object")

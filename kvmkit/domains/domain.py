@@ -523,11 +523,14 @@ def list_domains(store: DomainStore | None = None) -> list[Domain]:
     return [Domain(name, store) for name in store.names()]
 
 
-async def start_autostart(store: DomainStore | None = None) -> list[str]:
-    """Start every domain marked autostart that is not running; returns their names."""
+async def start_autostart(
+    store: DomainStore | None = None, *, wait_ready: float = 0.0
+) -> list[str]:
+    """Start every domain marked autostart that is not running (what a host runs at boot;
+    ``wait_ready`` as for :meth:`Domain.start`); returns their names."""
     started = []
     for domain in list_domains(store):
         if domain.definition.autostart and not domain.is_active():
-            await domain.start(wait_ready=0)
+            await domain.start(wait_ready=wait_ready)
             started.append(domain.name)
     return started

@@ -30,7 +30,9 @@ class InterruptLines(Protocol):
 def check_gsi(gsi: int, limit: int = IOAPIC_PINS) -> int:
     """``gsi`` if it is a line this machine has, else a :class:`RunnerError`."""
     if not isinstance(gsi, int) or not 0 <= gsi < limit:
-        raise RunnerError(f"IRQ line {gsi!r} is out of range: this machine has GSIs 0 to {limit - 1}")
+        raise RunnerError(
+            f"IRQ line {gsi!r} is out of range: this machine has GSIs 0 to {limit - 1}"
+        )
     return gsi
 
 

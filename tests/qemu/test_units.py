@@ -220,3 +220,15 @@ async def test_a_path_with_a_comma_opens_exactly_that_file(
         import shutil
 
         shutil.rmtree(folder)
+
+
+def test_qemu_img_names_are_files_not_protocols(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Relative names that qemu-img would read as a protocol or as JSON options.
+    for name in ("nbd:localhost:1", 'json:{"driver":"null-co"}'):
+        assert qemu_img.create(name, "1M", fmt="raw")["virtual-size"] == 1 << 20
+        assert (tmp_path / name).is_file()
+    with pytest.raises(QemuImgError, match="preallocation"):
+        qemu_img.create("x.qcow2", "1M", preallocation="full,cluster_size=512")
