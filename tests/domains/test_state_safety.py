@@ -92,8 +92,9 @@ def test_a_verified_process_is_stopped_through_the_ladder(
 
 
 def test_find_refuses_exited_processes() -> None:
-    proc = subprocess.Popen(["true"])
+    proc = subprocess.Popen(["sleep", "60"])
     identity = Identity.of(proc.pid)
+    proc.kill()
     proc.wait()
     assert find(identity) is None
 
@@ -159,3 +160,21 @@ def test_undefine_refuses_a_running_domain(
     with pytest.raises(Exception, match="running"):
         dom.undefine()
     assert store.exists("d")
+
+
+def test_a_qemu_no_state_records_stops_start(store: DomainStore) -> None:
+    """kvmkit died between launching QEMU and recording it: the run folder's QMP socket
+    still answers, so start refuses instead of launching a second QEMU."""
+    import socket
+
+    dom = _define(store)
+    run = store.folder("d") / "run-1"
+    run.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(run / "qmp.sock"))
+        listener.listen()
+        with pytest.raises(UntrustedStateError, match="no state file records"):
+            trio.run(lambda: dom.start(wait_ready=0))
+    # Once nothing answers there, the stale folder is simply removed.
+    assert store.new_run_dir("d").parent == store.folder("d")
+    assert not run.exists()
