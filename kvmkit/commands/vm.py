@@ -16,15 +16,17 @@ import os
 import sys
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
-
-import trio
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvmkit.sizes import MiB, size_arg
-from kvmkit.ui import err_console, print_json, print_table
 
-if TYPE_CHECKING:  # at run time the verbs import the QEMU layer only when they run
+if TYPE_CHECKING:  # at run time a verb imports trio, rich and the QEMU layer when it runs
+    import trio
+
     from kvmkit.domains import Domain
+
+T = TypeVar("T")
 
 MIN_MEMORY = 16 * MiB
 
@@ -35,8 +37,16 @@ def _domain(name: str) -> Domain:
     return Domain(name)
 
 
-def _run(fn: Callable[[], Awaitable[int]]) -> int:
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    import trio
+
     return trio.run(fn)
+
+
+def _ui() -> ModuleType:
+    import kvmkit.ui
+
+    return kvmkit.ui
 
 
 def _say(text: str) -> None:
@@ -101,7 +111,7 @@ def _definition_from_args(args: argparse.Namespace) -> Any:
 
 
 def _kit_progress(step: str, done: int, total: int) -> None:
-    err_console.print(f"guest kit: [{done}/{total}] {step}")
+    _ui().err_console.print(f"guest kit: [{done}/{total}] {step}")
 
 
 def _define(args: argparse.Namespace) -> Domain:
@@ -147,7 +157,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         if report.ready:
             _say(f"Domain {dom.name}: guest ready")
         elif report.ready is False:
-            err_console.print(f"Domain {dom.name}: no ready marker within {args.wait:g} s")
+            _ui().err_console.print(f"Domain {dom.name}: no ready marker within {args.wait:g} s")
         return 0
 
     return _run(main)
@@ -176,9 +186,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 }
             )
         if args.json:
-            print_json(rows)
+            _ui().print_json(rows)
             return 0
-        print_table(
+        _ui().print_table(
             ["Name", "State", "PID", "Max memory", "CPUs", "Autostart"],
             [
                 [
@@ -195,7 +205,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         dead = [str(r["name"]) for r in rows if r["state"] == "dead"]
         if dead:
-            err_console.print(f"dead (QEMU exited): {', '.join(dead)}; `kvmkit vm cleanup` clears")
+            _ui().err_console.print(
+                f"dead (QEMU exited): {', '.join(dead)}; `kvmkit vm cleanup` clears"
+            )
         return 0
 
     return _run(main)
@@ -207,7 +219,7 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
     async def main() -> int:
         info = await dom.info()
         if args.json:
-            print_json(info)
+            _ui().print_json(info)
             return 0
         labels = {
             "name": "Name", "state": "State", "cpus": "CPU(s)", "max_memory_mib": "Max memory",
@@ -224,14 +236,14 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
             elif key == "pid":
                 value = str(value or "-")
             rows.append([label, value])
-        print_table(["Field", "Value"], rows)
+        _ui().print_table(["Field", "Value"], rows)
         return 0
 
     return _run(main)
 
 
 def cmd_dumpconfig(args: argparse.Namespace) -> int:
-    print_json(_domain(args.name).dumpconfig())
+    _ui().print_json(_domain(args.name).dumpconfig())
     return 0
 
 
@@ -241,9 +253,9 @@ def cmd_domblklist(args: argparse.Namespace) -> int:
     async def main() -> int:
         rows = await dom.block_list(inactive=args.inactive)
         if args.json:
-            print_json(rows)
+            _ui().print_json(rows)
         else:
-            print_table(["Target", "Source"], [[r["target"], r["source"]] for r in rows])
+            _ui().print_table(["Target", "Source"], [[r["target"], r["source"]] for r in rows])
         return 0
 
     return _run(main)
@@ -261,9 +273,9 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     async def interactive() -> int:
         stream = await dom.open_console()
-        err_console.print(f"connected to {dom.name}'s serial console; Ctrl-] to leave")
+        _ui().err_console.print(f"connected to {dom.name}'s serial console; Ctrl-] to leave")
         await _pump_terminal(stream)
-        err_console.print("\ndisconnected")
+        _ui().err_console.print("\ndisconnected")
         return 0
 
     return _run(run_command if args.shell else interactive)
@@ -273,6 +285,8 @@ async def _pump_terminal(stream: trio.SocketStream) -> None:
     """Copy the terminal to ``stream`` and back in raw mode until Ctrl-] or EOF."""
     import termios
     import tty
+
+    import trio
 
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd) if os.isatty(fd) else None
@@ -317,9 +331,9 @@ def cmd_qmp(args: argparse.Namespace) -> int:
         try:
             reply = await dom.qmp_command(args.qmp_command, arguments)
         except ExecuteError as exc:
-            err_console.print(f"kvmkit vm qmp: {args.qmp_command} failed: {exc}")
+            _ui().err_console.print(f"kvmkit vm qmp: {args.qmp_command} failed: {exc}")
             return 1
-        print_json(reply)
+        _ui().print_json(reply)
         return 0
 
     return _run(main)
@@ -329,27 +343,27 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    trio.run(_domain(args.name).suspend)
+    _run(_domain(args.name).suspend)
     _say(f"Domain {args.name} suspended")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    trio.run(_domain(args.name).resume)
+    _run(_domain(args.name).resume)
     _say(f"Domain {args.name} resumed")
     return 0
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
     dom = _domain(args.name)
-    step = trio.run(lambda: dom.shutdown(timeout=args.timeout))
+    step = _run(lambda: dom.shutdown(timeout=args.timeout))
     _say(f"Domain {args.name} is being shut down: stopped ({step})")
     return 0
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     dom = _domain(args.name)
-    step = trio.run(dom.destroy)
+    step = _run(dom.destroy)
     _say(f"Domain {args.name} destroyed ({step})")
     if args.undefine:
         dom.undefine()
@@ -375,7 +389,7 @@ def cmd_autostart(args: argparse.Namespace) -> int:
     from kvmkit.domains import start_autostart
 
     if args.run:
-        started = trio.run(lambda: start_autostart(wait_ready=args.wait))
+        started = _run(lambda: start_autostart(wait_ready=args.wait))
         _say(f"autostart: started {len(started)} domain(s) {' '.join(started)}".rstrip())
         return 0
     if not args.name:
@@ -390,7 +404,7 @@ def cmd_autostart(args: argparse.Namespace) -> int:
 
 def cmd_setmem(args: argparse.Namespace) -> int:
     dom = _domain(args.name)
-    actual = trio.run(lambda: dom.set_memory(args.size, live=args.live, config=args.config))
+    actual = _run(lambda: dom.set_memory(args.size, live=args.live, config=args.config))
     if actual is not None:
         _say(f"Domain {args.name}: balloon at {actual:.0f} MiB")
     if args.config or actual is None:
@@ -417,7 +431,7 @@ def _affect_args(dom: Domain, args: argparse.Namespace) -> tuple[bool | None, bo
 def cmd_attach_disk(args: argparse.Namespace) -> int:
     dom = _domain(args.name)
     live, config = _affect_args(dom, args)
-    disk = trio.run(
+    disk = _run(
         lambda: dom.attach_disk(
             args.source,
             target=args.target,
@@ -434,7 +448,7 @@ def cmd_attach_disk(args: argparse.Namespace) -> int:
 def cmd_detach_disk(args: argparse.Namespace) -> int:
     dom = _domain(args.name)
     live, config = _affect_args(dom, args)
-    target = trio.run(
+    target = _run(
         lambda: dom.detach_disk(
             args.target, source=args.source, live=live, config=config, timeout=args.timeout
         )
@@ -453,10 +467,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if args.list:
             snaps = await dom.snapshot_list()
             if args.json:
-                print_json(snaps)
+                _ui().print_json(snaps)
             else:
                 rows = [[s["name"], s["vm-state-size"] / MiB] for s in snaps]
-                print_table(["Name", "VM state (MiB)"], rows, numeric=("VM state (MiB)",))
+                _ui().print_table(["Name", "VM state (MiB)"], rows, numeric=("VM state (MiB)",))
             return 0
         if not args.tag:
             raise _error("name the snapshot", "kvmkit vm snapshot NAME TAG")
@@ -473,7 +487,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_revert(args: argparse.Namespace) -> int:
     dom = _domain(args.name)
-    trio.run(lambda: dom.snapshot_revert(args.tag))
+    _run(lambda: dom.snapshot_revert(args.tag))
     _say(f"Domain {args.name}: reverted to {args.tag}")
     return 0
 
@@ -519,15 +533,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     # The statistics carry the warnings; print them once, below, not as Python warnings.
     warnings.simplefilter("ignore", migration.MigrationWarning)
     progress = _migration_progress(args.json)
-    stats = trio.run(lambda: dom.migrate(args.uri, options=options, progress=progress))
+    stats = _run(lambda: dom.migrate(args.uri, options=options, progress=progress))
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if args.json:
-        print_json(stats.to_json())
+        _ui().print_json(stats.to_json())
         return 0
     _say(f"Domain {args.name}: {stats.summary()}")
     for warning in stats.warnings:
-        err_console.print(f"warning: {warning}")
+        _ui().err_console.print(f"warning: {warning}")
     return 0
 
 

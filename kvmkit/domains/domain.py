@@ -29,7 +29,14 @@ from typing import Any
 import trio
 
 from kvmkit.domains import disks
-from kvmkit.domains.definition import MIB, Definition, Disk, mib_from_bytes, validate_name
+from kvmkit.domains.definition import (
+    MIB,
+    Definition,
+    Disk,
+    check_finite,
+    mib_from_bytes,
+    validate_name,
+)
 from kvmkit.domains.errors import DomainError
 from kvmkit.domains.process import Identity, TrustedProcess
 from kvmkit.domains.store import DomainStore, RunState
@@ -144,6 +151,7 @@ class Domain:
         ``wait_ready`` s for the guest kit's ready marker (0: don't); then set the
         balloon to the definition's current memory.  Refuses when a QEMU runs or the
         state file cannot be trusted."""
+        check_finite(wait_ready, "wait_ready (s)", 0, 3600)
         with self.store.lock(self.name):
             state, proc = self._running()
             if proc is not None:
@@ -197,6 +205,7 @@ class Domain:
         return StartReport(machine.pid, machine.accel.name, machine.accel.reason, ready)
 
     async def _stop(self, graceful: bool, timeout: float) -> str:
+        check_finite(timeout, "timeout (s)", 0, 3600)
         with self.store.lock(self.name, timeout=max(30.0, timeout + 20)):
             state, proc = self._running()
             if state is None:
@@ -333,6 +342,7 @@ class Domain:
         """virsh ``detach-disk``: remove the disk named by ``target`` (``vdb``) or by its
         ``source`` path from the running guest (waits for DEVICE_DELETED) and/or the
         definition.  Returns the target."""
+        check_finite(timeout, "timeout (s)", 0, 3600)
         live, config = _affect(live, config, self.is_active(), self.name)
         with self.store.lock(self.name):
             definition = self.definition
@@ -381,6 +391,7 @@ class Domain:
 
     async def console_run(self, command: str, *, timeout: float = 30.0) -> str:
         """Run one shell command on the guest kit's console; returns its output."""
+        check_finite(timeout, "timeout (s)", 0, 3600)
         console = SerialConsole(await self.open_console(), name=f"{self.name} console")
         async with trio.open_nursery() as nursery:
             await console.start(nursery)

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmkit.cli import build_parser
 from kvmkit.domains import Boot, Definition, DefinitionError, Disk, DomainStore, define
@@ -174,3 +176,30 @@ def test_option_strings_escape_commas() -> None:
     assert opt_value("/d/real.img,locking=off") == "/d/real.img,,locking=off"
     with pytest.raises(QemuError):
         opt_value("/d/a\nb")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_fields = st.fixed_dictionaries(
+    {"version": st.just(1), "name": st.sampled_from(["d", "a/b", "x\n"])},
+    optional={
+        k: _json
+        for k in ("memory_mib", "current_memory_mib", "vcpus", "machine", "boot", "disks", "nics")
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json | _fields)
+def test_any_json_is_a_valid_definition_or_a_definition_error(data: object) -> None:
+    try:
+        definition = Definition.from_json(data)
+    except DefinitionError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert Definition.from_json(json.loads(json.dumps(definition.to_json()))) == definition

@@ -178,3 +178,14 @@ def test_a_qemu_no_state_records_stops_start(store: DomainStore) -> None:
     # Once nothing answers there, the stale folder is simply removed.
     assert store.new_run_dir("d").parent == store.folder("d")
     assert not run.exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_api_timeouts_are_checked(store: DomainStore, bad: float) -> None:
+    from kvmkit.domains import DefinitionError
+
+    dom = _define(store)
+    with pytest.raises(DefinitionError):
+        trio.run(lambda: dom.shutdown(timeout=bad))
+    with pytest.raises(DefinitionError):
+        trio.run(lambda: dom.start(wait_ready=bad))
