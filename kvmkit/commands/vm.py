@@ -135,7 +135,9 @@ def _error(message: str, hint: str) -> Exception:
 
 
 def cmd_define(args: argparse.Namespace) -> int:
-    _define(args)
+    from kvmkit.domains import define
+
+    define(_definition_from_args(args))
     _say(f"Domain {args.name} defined")
     return 0
 
@@ -170,21 +172,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from kvmkit.domains import list_domains
 
     async def main() -> int:
-        rows = []
-        for dom in list_domains():
-            definition = dom.definition
-            state = await dom.state()
-            run = dom.run_state()
-            rows.append(
-                {
-                    "name": dom.name,
-                    "state": state,
-                    "pid": run.identity.pid if run else None,
-                    "memory_mib": definition.memory_mib,
-                    "cpus": definition.vcpus,
-                    "autostart": definition.autostart,
-                }
-            )
+        rows = [await dom.summary() for dom in list_domains()]
         if args.json:
             _ui().print_json(rows)
             return 0
@@ -195,9 +183,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                     r["name"],
                     r["state"],
                     str(r["pid"] or "-"),
-                    f"{r['memory_mib']} MiB",
-                    r["cpus"],
-                    "yes" if r["autostart"] else "no",
+                    f"{r['memory_mib']} MiB" if "memory_mib" in r else None,
+                    r.get("cpus"),
+                    _yes_no(r.get("autostart")),
                 ]  # fmt: skip
                 for r in rows
             ],
@@ -211,6 +199,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
 
     return _run(main)
+
+
+def _yes_no(value: bool | None) -> str | None:
+    return None if value is None else "yes" if value else "no"
 
 
 def cmd_dominfo(args: argparse.Namespace) -> int:
@@ -230,7 +222,7 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
         for key, label in labels.items():
             value = info[key]
             if isinstance(value, bool):
-                value = "yes" if value else "no"
+                value = _yes_no(value)
             elif key.endswith("_mib"):
                 value = f"{value} MiB"
             elif key == "pid":

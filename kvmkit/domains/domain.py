@@ -37,7 +37,7 @@ from kvmkit.domains.definition import (
     mib_from_bytes,
     validate_name,
 )
-from kvmkit.domains.errors import DomainError
+from kvmkit.domains.errors import DefinitionError, DomainError, UntrustedStateError
 from kvmkit.domains.process import Identity, TrustedProcess
 from kvmkit.domains.store import DomainStore, RunState
 from kvmkit.qemu import guestkit, hotplug, migration, snapshot
@@ -126,6 +126,27 @@ class Domain:
                 return str((await qmp.execute("query-status"))["status"])
         except (QMPError, OSError):
             return "running (QMP busy)"
+
+    async def summary(self) -> dict[str, Any]:
+        """One row of ``list``: name, state, PID, max memory, vCPUs, autostart.  A domain
+        whose state file cannot be trusted shows as ``untrusted state`` here, one whose
+        definition cannot be read as ``bad definition``."""
+        try:
+            definition = self.definition
+        except DefinitionError:
+            return {"name": self.name, "state": "bad definition", "pid": None}
+        try:
+            state, run = await self.state(), self.run_state()
+        except UntrustedStateError:
+            state, run = "untrusted state", None
+        return {
+            "name": self.name,
+            "state": state,
+            "pid": run.identity.pid if run else None,
+            "memory_mib": definition.memory_mib,
+            "cpus": definition.vcpus,
+            "autostart": definition.autostart,
+        }
 
     @contextlib.asynccontextmanager
     async def qmp(self, timeout: float = 5.0) -> AsyncIterator[QMPClient]:

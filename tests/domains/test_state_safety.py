@@ -122,6 +122,9 @@ def test_untrusted_state_stops_start_and_destroy(
     err = capsys.readouterr().err
     assert "cannot be trusted" in err and len(err.strip().splitlines()) == 1
     assert main(["vm", "destroy", "d"]) == 1
+    capsys.readouterr()
+    assert main(["vm", "list", "--json"]) == 0  # the list still works, and says so
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "untrusted state"
     assert not list(store.folder("d").glob("run-*"))  # no QEMU was started
     assert store.exists("d")  # and the definition is kept
 
