@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -241,14 +241,14 @@ class Definition:
                 f"definition version {data.get('version')!r} is not {VERSION}",
                 hint="this kvmkit reads version 1 definitions",
             )
-        try:
-            values = {k: v for k, v in data.items() if k != "version"}
-            values["boot"] = Boot(**values.get("boot", {}))
-            values["disks"] = [Disk(**d) for d in values.get("disks", [])]
-            values["nics"] = [Nic(**n) for n in values.get("nics", [])]
-            definition = cls(**values)
-        except TypeError as exc:  # unknown or missing keys
-            raise DefinitionError(f"definition has bad fields: {exc}") from None
+        values = {k: v for k, v in data.items() if k != "version"}
+        values["boot"] = _build(Boot, values.get("boot", {}), "boot")
+        disks, nics = values.get("disks", []), values.get("nics", [])
+        if not isinstance(disks, list) or not isinstance(nics, list):
+            raise DefinitionError("disks and nics must be lists")
+        values["disks"] = [_build(Disk, d, "disk") for d in disks]
+        values["nics"] = [_build(Nic, n, "nic") for n in nics]
+        definition: Definition = _build(cls, values, "definition")
         return definition.validate()
 
     # -- QEMU ------------------------------------------------------------------------------
@@ -280,6 +280,21 @@ class Definition:
         )
         config.validate()
         return config
+
+
+def _build(cls: Any, values: Any, what: str) -> Any:
+    """``cls(**values)``, or a one-line DefinitionError naming unknown or missing keys."""
+    if not isinstance(values, dict):
+        raise DefinitionError(f"{what} must be a JSON object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(repr(k) for k in values if k not in known)
+    if unknown:
+        raise DefinitionError(f"{what} has unknown fields: {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except TypeError:  # a required field is missing
+        missing = sorted(f.name for f in fields(cls) if f.name not in values)
+        raise DefinitionError(f"{what} lacks fields: {', '.join(missing)}") from None
 
 
 def _target_name(index: int) -> str:
