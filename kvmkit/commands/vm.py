@@ -567,88 +567,113 @@ def _add_affect_options(p: argparse.ArgumentParser, persistent: bool) -> None:
     p.add_argument("--current", action="store_true", help="live if running, else config")
 
 
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "vm", help="define, start, drive and migrate QEMU guests (virsh)"
-    )
-    sub = parser.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+Handler = Callable[[argparse.Namespace], int]
 
-    def verb(name: str, func: Callable[[argparse.Namespace], int], text: str, **kw: Any) -> Any:
-        p = sub.add_parser(name, help=text, **kw)
+
+class _Verbs:
+    """Adds ``kvmkit vm`` verbs: ``verb`` for any, ``named`` for those on one domain."""
+
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+
+    def verb(self, name: str, func: Handler, text: str, **kw: Any) -> Any:
+        p = self.sub.add_parser(name, help=text, **kw)
         p.set_defaults(func=func)
         return p
 
-    def named(name: str, func: Callable[[argparse.Namespace], int], text: str, **kw: Any) -> Any:
-        p = verb(name, func, text, **kw)
+    def named(self, name: str, func: Handler, text: str, **kw: Any) -> Any:
+        p = self.verb(name, func, text, **kw)
         p.add_argument("name")
         return p
 
-    _add_define_options(verb("define", cmd_define, "define a domain (does not start it)"))
-    p = verb("start", cmd_start, "start a domain (defining it first if new)")
+
+def _register_lifecycle(v: _Verbs) -> None:
+    _add_define_options(v.verb("define", cmd_define, "define a domain (does not start it)"))
+    p = v.verb("start", cmd_start, "start a domain (defining it first if new)")
     _add_define_options(p)
     p.add_argument("--wait", type=SECONDS, default=60.0, help="seconds to wait for the guest kit")
-    verb("list", cmd_list, "list domains").add_argument("--json", action="store_true")
-    named("dominfo", cmd_dominfo, "state, CPUs, memory, autostart", aliases=["info"]).add_argument(
-        "--json", action="store_true"
-    )
-    named("dumpconfig", cmd_dumpconfig, "print the definition (JSON)")
-    p = named("domblklist", cmd_domblklist, "list disks: target and source")
+    v.named("suspend", cmd_suspend, "pause the domain")
+    v.named("resume", cmd_resume, "resume the domain")
+    p = v.named("shutdown", cmd_shutdown, "ACPI power-off, then quit/SIGTERM/SIGKILL")
+    p.add_argument("--timeout", type=SECONDS, default=30.0)
+    p = v.named("destroy", cmd_destroy, "stop at once (no power-off)")
+    p.add_argument("--undefine", action="store_true", help="also delete the definition")
+    v.named("undefine", cmd_undefine, "delete a shut-off domain's definition and folder")
+    v.verb("cleanup", cmd_cleanup, "forget recorded QEMUs that are gone")
+    p = v.verb("autostart", cmd_autostart, "mark a domain for autostart; --run starts all marked")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--disable", action="store_true")
+    p.add_argument("--run", action="store_true")
+    p.add_argument("--wait", type=SECONDS, default=0.0, help="with --run: seconds per guest kit")
+
+
+def _register_information(v: _Verbs) -> None:
+    v.verb("list", cmd_list, "list domains").add_argument("--json", action="store_true")
+    p = v.named("dominfo", cmd_dominfo, "state, CPUs, memory, autostart", aliases=["info"])
+    p.add_argument("--json", action="store_true")
+    v.named("dumpconfig", cmd_dumpconfig, "print the definition (JSON)")
+    p = v.named("domblklist", cmd_domblklist, "list disks: target and source")
     p.add_argument("--inactive", action="store_true", help="the definition's disks")
     p.add_argument("--json", action="store_true")
-    p = named("console", cmd_console, "attach to the serial console (Ctrl-] leaves)")
+    p = v.named("console", cmd_console, "attach to the serial console (Ctrl-] leaves)")
     p.add_argument(
         "--command", "-c", dest="shell", help="run one shell command in the guest, print its output"
     )
     p.add_argument("--timeout", type=SECONDS, default=30.0)
-    named("suspend", cmd_suspend, "pause the domain")
-    named("resume", cmd_resume, "resume the domain")
-    p = named("shutdown", cmd_shutdown, "ACPI power-off, then quit/SIGTERM/SIGKILL")
-    p.add_argument("--timeout", type=SECONDS, default=30.0)
-    p = named("destroy", cmd_destroy, "stop at once (no power-off)")
-    p.add_argument("--undefine", action="store_true", help="also delete the definition")
-    named("undefine", cmd_undefine, "delete a shut-off domain's definition and folder")
-    verb("cleanup", cmd_cleanup, "forget recorded QEMUs that are gone")
-    p = named("setmem", cmd_setmem, "balloon target (--live) and/or next-start memory (--config)")
-    p.add_argument("size", type=size_arg("M", minimum=MIN_MEMORY), help="512M, 1G, 1.5G or MiB")
+    p = v.named("qmp", cmd_qmp, "send one QMP command and print the reply")
+    p.add_argument("qmp_command", metavar="command")
+    p.add_argument("arguments", nargs="?", help="JSON object")
+
+
+def _register_devices(v: _Verbs) -> None:
+    size = size_arg("M", minimum=MIN_MEMORY)
+    p = v.named("setmem", cmd_setmem, "balloon target (--live) and/or next-start memory (--config)")
+    p.add_argument("size", type=size, help="512M, 1G, 1.5G or MiB")
     _add_affect_options(p, persistent=False)
-    p = named("setmaxmem", cmd_setmaxmem, "max memory from the next start (the definition)")
-    p.add_argument("size", type=size_arg("M", minimum=MIN_MEMORY), help="512M, 1G, 1.5G or MiB")
+    p = v.named("setmaxmem", cmd_setmaxmem, "max memory from the next start (the definition)")
+    p.add_argument("size", type=size, help="512M, 1G, 1.5G or MiB")
     p.add_argument("--config", action="store_true", help="(the default: the definition)")
-    p = named("attach-disk", cmd_attach_disk, "add a disk (hot, and/or to the definition)")
+    p = v.named("attach-disk", cmd_attach_disk, "add a disk (hot, and/or to the definition)")
     p.add_argument("source")
     p.add_argument("--target", help="vdb, vdc, ... (default: the first free)")
     p.add_argument("--subdriver", "--format", choices=("qcow2", "raw"), dest="subdriver")
     p.add_argument("--mode", choices=("readonly",))
     _add_affect_options(p, persistent=True)
-    p = named("detach-disk", cmd_detach_disk, "remove a disk by target or --source PATH")
+    p = v.named("detach-disk", cmd_detach_disk, "remove a disk by target or --source PATH")
     p.add_argument("target", nargs="?")
     p.add_argument("--source", help="the disk's image path")
     p.add_argument("--timeout", type=SECONDS, default=15.0)
     _add_affect_options(p, persistent=True)
-    p = named("snapshot", cmd_snapshot, "save an internal snapshot (or --list / --delete)")
+
+
+def _register_images(v: _Verbs) -> None:
+    p = v.named("snapshot", cmd_snapshot, "save an internal snapshot (or --list / --delete)")
     p.add_argument("tag", nargs="?")
     p.add_argument("--list", action="store_true")
     p.add_argument("--delete", action="store_true")
     p.add_argument("--json", action="store_true")
-    named("revert", cmd_revert, "revert to a snapshot").add_argument("tag")
-    p = named("clone", cmd_clone, "copy a shut-off domain (full, or --linked qcow2 overlays)")
+    v.named("revert", cmd_revert, "revert to a snapshot").add_argument("tag")
+    p = v.named("clone", cmd_clone, "copy a shut-off domain (full, or --linked qcow2 overlays)")
     p.add_argument("new")
     p.add_argument("--linked", action="store_true")
-    p = named("migrate", cmd_migrate, "live-migrate (default: to a new local QEMU)")
+    p = v.named("migrate", cmd_migrate, "live-migrate (default: to a new local QEMU)")
     p.add_argument("--uri", help="tcp:HOST:PORT, unix:PATH or exec:CMD")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--downtime-limit", type=_number(int, 1, 600_000), help="ms")
     p.add_argument("--bandwidth", type=size_arg("M", minimum=MiB), help="per second: 64M, 1G, MiB")
     p.add_argument("--postcopy", action="store_true")
     p.add_argument("--auto-converge", action="store_true")
-    p = verb("autostart", cmd_autostart, "mark a domain for autostart; --run starts all marked")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--disable", action="store_true")
-    p.add_argument("--run", action="store_true")
-    p.add_argument("--wait", type=SECONDS, default=0.0, help="with --run: seconds per guest kit")
-    p = named("qmp", cmd_qmp, "send one QMP command and print the reply")
-    p.add_argument("qmp_command", metavar="command")
-    p.add_argument("arguments", nargs="?", help="JSON object")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "vm", help="define, start, drive and migrate QEMU guests (virsh)"
+    )
+    verbs = _Verbs(parser.add_subparsers(dest="vm_command", metavar="ACTION", required=True))
+    _register_lifecycle(verbs)
+    _register_information(verbs)
+    _register_devices(verbs)
+    _register_images(verbs)
 
 
 __all__ = ["register"]
