@@ -192,3 +192,19 @@ def test_api_timeouts_are_checked(store: DomainStore, bad: float) -> None:
         trio.run(lambda: dom.shutdown(timeout=bad))
     with pytest.raises(DefinitionError):
         trio.run(lambda: dom.start(wait_ready=bad))
+
+
+def test_start_forgets_a_stale_record_then_launches(
+    store: DomainStore, sleeper: subprocess.Popen[bytes], qemu_binary: str
+) -> None:
+    """A record of a QEMU that is gone (its PID now another process's) does not block
+    start: it is forgotten, and QEMU is launched (here it fails at once: no kernel)."""
+    from kvmkit.qemu.errors import LaunchError
+
+    dom = _define(store)
+    _record(store, "d", _qemu_like(sleeper.pid))
+    with pytest.raises(LaunchError, match="/nonexistent/k"):
+        trio.run(lambda: dom.start(wait_ready=0))
+    assert sleeper.poll() is None
+    assert store.read_state("d") is None
+    assert not list(store.folder("d").glob("run-*"))
