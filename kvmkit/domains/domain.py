@@ -106,7 +106,7 @@ class Domain:
         return self.run_state() is not None
 
     def run_path(self, name: str) -> Path:
-        """A file of the running QEMU: ``qmp.sock``, ``console.sock``, ``console.log``..."""
+        """A file of the running QEMU: ``qmp.sock``, ``console.sock``, ``qemu.log``"""
         state = self.run_state()
         if state is None:
             raise DomainError(f"domain {self.name} is not running", hint="start it first")
@@ -185,6 +185,7 @@ class Domain:
                 definition.machine_config(),
                 directory=self.store.new_run_dir(self.name),
                 detached=True,
+                console_log=self.folder / "console.log",
             )
             await machine.launch()
             try:
@@ -513,6 +514,7 @@ class Domain:
             directory=self.store.new_run_dir(self.name, keep=state.run_dir),
             detached=True,
             incoming="defer",
+            console_log=self.folder / "console.log",
         )
         await dest.launch()
         try:

@@ -6,9 +6,10 @@ Layout of ``<state>/vms/<name>/`` (``<state>`` is ``$KVMKIT_STATE_DIR``, else
     definition.json   the persistent definition (kvmkit.domains.definition)
     state.json        present while a QEMU runs: PID, start time, command line, run dir,
                       the MachineConfig it was launched from
-    run-<ns>/         one QEMU's sockets and logs: qmp.sock, console.sock, console.log,
-                      qemu.log (a fresh folder per launch, so a QEMU that exits late can
-                      only ever unlink its own sockets)
+    run-<ns>/         one QEMU's sockets and its log: qmp.sock, console.sock, qemu.log
+                      (a fresh folder per launch, so a QEMU that exits late can only ever
+                      unlink its own sockets)
+    console.log       everything the guest printed on its serial console, across starts
     lock              flock()ed by every verb that changes the domain
     *.qcow2           disks a clone made for this domain
 

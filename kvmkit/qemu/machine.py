@@ -93,7 +93,9 @@ class QemuMachine(trio.abc.AsyncResource):
     private directory is created (default: the system temp dir); ``directory`` instead
     names it exactly (it must not exist yet; it is created ``0700`` and removed at
     shutdown).  ``detached`` starts QEMU in its own session, so it survives this program
-    once :meth:`detach` is called.  Timeouts are in seconds.
+    once :meth:`detach` is called.  ``console_log`` names a file outside the directory
+    that collects the guest's console output (appended; it outlives the machine).
+    Timeouts are in seconds.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class QemuMachine(trio.abc.AsyncResource):
         qmp_transport: str = "unix",
         directory: str | Path | None = None,
         detached: bool = False,
+        console_log: str | Path | None = None,
     ) -> None:
         if qmp_transport not in ("unix", "socketpair"):
             raise MachineStateError(
@@ -121,6 +124,7 @@ class QemuMachine(trio.abc.AsyncResource):
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.fixed_directory = Path(directory) if directory is not None else None
         self.detached = detached
+        self._console_log = Path(console_log) if console_log is not None else None
         self._adopted = False
         self._nursery: trio.Nursery | None = None
         self.launch_timeout = launch_timeout
@@ -160,6 +164,8 @@ class QemuMachine(trio.abc.AsyncResource):
 
     @property
     def console_log(self) -> Path:
+        if self._console_log is not None:
+            return self._console_log
         return self._path("console.log")
 
     @property

@@ -192,6 +192,9 @@ def test_persistent_definitions_survive_a_restart(
         info = json.loads(_ok(capsys, "dominfo", "p", "--json"))
         assert info["max_memory_mib"] == 320 and abs(info["used_memory_mib"] - 160) <= 2
 
+        # The console log is the domain's: both boots are in it.
+        log = (state / "vms" / "p" / "console.log").read_text(errors="replace")
+        assert log.count("KVMKIT-GUEST-READY") == 2
         _ok(capsys, "detach-disk", "p", "--source", str(extra), "--persistent")
         assert json.loads(_ok(capsys, "dumpconfig", "p"))["disks"] == []
         assert json.loads(_ok(capsys, "domblklist", "p", "--json")) == []
