@@ -2,9 +2,10 @@
 
 ::
 
-    from kvmkit.domains import Definition, Domain, define
+    from kvmkit.domains import Definition, Disk, define, guest_kit_boot
 
-    dom = define(Definition("demo", memory_mib=512, boot=Boot("kernel", kernel=..., ...)))
+    dom = define(Definition("demo", memory_mib=512, boot=guest_kit_boot(),
+                            disks=[Disk("/srv/demo.qcow2", "vda")]))
     await dom.start()
     await dom.set_memory(384 << 20, config=True)      # virsh setmem --config
     await dom.shutdown()

@@ -102,6 +102,10 @@ def test_machine_config_maps_targets_to_nodes() -> None:
     assert [(x.path, x.node) for x in config.drives] == [("/a.qcow2", "vdb")]
     assert config.kernel == "/k" and config.initrd == "/i"
     assert Definition("x", boot=Boot("disk")).machine_config().kernel is None
+    hot = _definition(hotplug_memory_mib=2048, memory_slots=2, max_vcpus=4).machine_config()
+    assert (hot.maxmem_mib, hot.memory_slots, hot.maxcpus) == (2048, 2, 4)
+    with pytest.raises(DefinitionError, match="hotplug memory"):
+        _definition(memory_mib=512, hotplug_memory_mib=256, memory_slots=1).validate()
 
 
 def test_definition_file_is_written_atomically_and_validated(tmp_path: Path) -> None:
