@@ -1,508 +1,498 @@
-"""``kvmkit vm``: virsh's everyday verbs, on QMP.
+"""``kvmkit vm``: virsh's verbs as a thin command line over :mod:`kvmkit.domains`.
 
-State lives in a per-user folder (see :mod:`kvmkit.qemu.vmstore`); QEMU runs detached and
-outlives the command.  Without ``--kernel``, ``start`` boots the guest kit (built on first
-use), so ``kvmkit vm start demo`` works on a fresh machine.
+Each verb parses its options, calls one :class:`kvmkit.domains.Domain` method and prints
+the result (a rich table, or JSON with ``--json``).  Sizes take ``512M``, ``1G``,
+``1.5G`` or a bare number of MiB, as virsh reads them.  Without ``--kernel``, ``start``
+boots the guest kit (built on first use), so ``kvmkit vm start demo`` works on a fresh
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
 import sys
-import time
 import warnings
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import trio
+from kvmkit.sizes import MiB, size_arg
 
-from kvmkit.qemu import guestkit, hotplug, migration, qemu_img, snapshot, vmstore
-from kvmkit.qemu.config import Drive, MachineConfig, guest_kit_config
-from kvmkit.qemu.console import SerialConsole
-from kvmkit.qemu.errors import VmStateError
-from kvmkit.qmp import ExecuteError, open_qmp
+if TYPE_CHECKING:  # at run time a verb imports trio, rich and the QEMU layer when it runs
+    import trio
 
-MIB = 2**20
+    from kvmkit.domains import Domain
 
+T = TypeVar("T")
 
-def _store() -> vmstore.VmStore:
-    return vmstore.VmStore()
+MIN_MEMORY = 16 * MiB
 
 
-def _run(fn: Callable[[], Awaitable[int]]) -> int:
+def _domain(name: str) -> Domain:
+    from kvmkit.domains import Domain
+
+    return Domain(name)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    import trio
+
     return trio.run(fn)
 
 
-# -- start ------------------------------------------------------------------------------
+def _ui() -> ModuleType:
+    import kvmkit.ui
+
+    return kvmkit.ui
 
 
-def _config_from_args(args: argparse.Namespace, base: MachineConfig | None) -> MachineConfig:
-    if base is None:
-        if args.kernel:
-            base = MachineConfig(kernel=args.kernel, initrd=args.initrd, append=args.append)
-        else:
-            progress = None if args.quiet else _kit_progress
-            kit = guestkit.ensure_kit(progress=progress)
-            base = guest_kit_config(kit)
-        base.balloon = True
-        base.memory_mib = 256
-    for attr, value in (
-        ("memory_mib", args.memory),
-        ("cpus", args.cpus),
-        ("maxcpus", args.maxcpus),
-        ("machine", args.machine),
-        ("accel", args.accel),
-        ("network", args.network),
-    ):
-        if value is not None:
-            setattr(base, attr, value)
-    if args.maxmem is not None:
-        base.maxmem_mib = args.maxmem
-        base.memory_slots = max(base.memory_slots, 4)
-    for disk in args.disk or []:
-        path = Path(disk).resolve()
-        if not path.exists():
-            raise VmStateError(f"disk {disk} does not exist", hint="create it with qemu-img")
-        if str(path) in {d.path for d in base.drives}:
-            continue  # already part of this VM
-        fmt = qemu_img.info(path)["format"]
-        nodes = {d.node for d in base.drives}
-        node = next(f"disk{i}" for i in range(len(nodes) + 1) if f"disk{i}" not in nodes)
-        base.drives.append(Drive(str(path), format=fmt, node=node))
-    base.validate()
-    return base
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- numbers ------------------------------------------------------------------------------
+
+
+def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    """An argparse ``type=`` for a finite ``kind`` (int or float) in ``[low, high]``."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range [{low:g}, {high:g}]")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+SECONDS = _number(float, 0.0, 3600.0)
+COUNT = _number(int, 1, 255)
+
+
+# -- define / start -----------------------------------------------------------------------
+
+_DEFINE_OPTIONS: tuple[str, ...] = ("kernel", "initrd", "append", "memory", "maxmem", "cpus")
+_DEFINE_OPTIONS += ("maxcpus", "disk", "machine", "accel", "network", "boot")
+
+
+def _definition_from_args(args: argparse.Namespace) -> Any:
+    from kvmkit.domains import Boot, Definition, Nic, disks, guest_kit_boot
+
+    if args.boot == "disk":
+        boot = Boot("disk")
+    elif args.kernel:
+        kernel = os.path.abspath(args.kernel)
+        initrd = os.path.abspath(args.initrd) if args.initrd else None
+        boot = Boot("kernel", kernel, initrd, args.append)
+    else:
+        boot = guest_kit_boot(None if args.quiet else _kit_progress)
+    definition = Definition(
+        args.name,
+        memory_mib=(args.memory or 256 * MiB) // MiB,
+        hotplug_memory_mib=args.maxmem // MiB if args.maxmem else None,
+        memory_slots=4 if args.maxmem else 0,
+        vcpus=args.cpus or 1,
+        max_vcpus=args.maxcpus,
+        machine=args.machine or "pc",
+        accel=args.accel or "auto",
+        boot=boot,
+        nics=[Nic()] if args.network == "user" else [],
+    )
+    for path in args.disk or []:
+        definition.disks.append(disks.new_disk(definition, path, None, None, False, set()))
+    return definition.validate()
 
 
 def _kit_progress(step: str, done: int, total: int) -> None:
-    print(f"guest kit: [{done}/{total}] {step}", file=sys.stderr, flush=True)
+    _ui().err_console.print(f"guest kit: [{done}/{total}] {step}")
 
 
-async def _start_record(record: vmstore.VmRecord, config: MachineConfig, wait: float) -> None:
-    pid = await vmstore.spawn(record, config)
-    accel = record.path("accel").read_text().strip()
-    print(f"VM {record.name} started: pid {pid}, accelerator {accel}")
-    kit_initrd = config.initrd and Path(config.initrd).is_relative_to(guestkit.kits_dir())
-    if wait > 0 and kit_initrd:
-        if await vmstore.wait_console_marker(record, guestkit.READY_MARKER, wait):
-            print(f"VM {record.name}: guest ready")
-        else:
-            print(f"VM {record.name}: no ready marker within {wait:g} s", file=sys.stderr)
+def _define(args: argparse.Namespace) -> Domain:
+    from kvmkit.domains import DomainStore, define
 
-
-def cmd_start(args: argparse.Namespace) -> int:
-    store = _store()
-    existing = store.exists(args.name)
-    record = store.get(args.name) if existing else None
-    base = record.config if record is not None else None
-    config = _config_from_args(args, base)
-
-    async def main() -> int:
-        nonlocal record
-        created = record is None
-        if record is None:
-            record = store.create(args.name, config)
-        try:
-            with record.lock():
-                state = record.state()
-                if state == "running":
-                    raise VmStateError(f"VM {args.name} is already running")
-                if state == "dead":
-                    record.clear_runtime()
-                record.save_config(config)
-                await _start_record(record, config, args.wait)
-        except BaseException:
-            if created:  # a VM that never ran is not kept defined
-                shutil.rmtree(record.directory, ignore_errors=True)
-            raise
-        return 0
-
-    return _run(main)
-
-
-# -- list / info ------------------------------------------------------------------------
-
-
-async def _live_status(record: vmstore.VmRecord) -> str:
-    state = record.state()
-    if state != "running":
-        return state
-    try:
-        async with record.qmp(timeout=2.0) as qmp:
-            return str((await qmp.execute("query-status"))["status"])
-    except Exception:
-        return "running (QMP busy)"
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        rows = []
-        for record in _store().all():
-            config = record.config
-            rows.append(
-                {
-                    "name": record.name,
-                    "state": await _live_status(record),
-                    "pid": record.pid if record.state() == "running" else None,
-                    "memory_mib": config.memory_mib,
-                    "cpus": config.cpus,
-                    "autostart": record.autostart,
-                }
+    if DomainStore().exists(args.name):
+        given = [o for o in _DEFINE_OPTIONS if getattr(args, o, None)]
+        if given:
+            raise _error(
+                f"domain {args.name} is defined already; --{given[0]} would be ignored",
+                "change it with setmem/setmaxmem/attach-disk --config, or undefine it",
             )
-        if args.json:
-            print(json.dumps(rows))
-            return 0
-        print(f"{'NAME':20} {'STATE':12} {'PID':>8} {'MEM':>6} {'CPUS':>4} AUTOSTART")
-        for r in rows:
-            pid = r["pid"] or "-"
-            auto = "yes" if r["autostart"] else "no"
-            print(
-                f"{r['name']:20} {r['state']:12} {pid:>8} {r['memory_mib']:>5}M {r['cpus']:>4} {auto}"
-            )
-        dead = [str(r["name"]) for r in rows if r["state"] == "dead"]
-        if dead:
-            print(f"dead VMs (QEMU exited): {', '.join(dead)}; `kvmkit vm cleanup` clears them")
-        return 0
-
-    return _run(main)
+        return _domain(args.name)
+    return define(_definition_from_args(args))
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    record = _store().get(args.name)
+def _error(message: str, hint: str) -> Exception:
+    from kvmkit.domains import DomainError
 
-    async def main() -> int:
-        info: dict[str, Any] = {
-            "name": record.name,
-            "directory": str(record.directory),
-            "state": record.state(),
-            "pid": record.pid,
-            "autostart": record.autostart,
-            "config": record.config.to_json(),
-        }
-        accel = record.path("accel")
-        if accel.exists():
-            info["accel"] = accel.read_text().strip()
-        if record.state() == "running":
-            async with record.qmp() as qmp:
-                info["status"] = (await qmp.execute("query-status"))["status"]
-                info["vcpus"] = len(await qmp.execute("query-cpus-fast"))
-                info["memory_bytes"] = (await qmp.execute("query-memory-size-summary"))[
-                    "base-memory"
-                ]
-                try:
-                    info["balloon_mib"] = (await qmp.execute("query-balloon"))["actual"] / MIB
-                except ExecuteError:
-                    pass
-                info["block"] = [
-                    {"node": n["node-name"], "file": n["file"], "format": n["drv"]}
-                    for n in await qmp.execute("query-named-block-nodes", {"flat": True})
-                    if not n["node-name"].endswith("-file")
-                ]
-                info["hotplugged"] = record.hotplugged()
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            for key, value in info.items():
-                if key != "config":
-                    print(f"{key:14} {value}")
-            cfg = info["config"]
-            print(f"{'machine':14} {cfg['machine']}, {cfg['memory_mib']} MiB, {cfg['cpus']} CPUs")
-            print(f"{'kernel':14} {cfg['kernel']}")
-        return 0
-
-    return _run(main)
+    return DomainError(message, hint=hint)
 
 
-# -- console ----------------------------------------------------------------------------
+def cmd_define(args: argparse.Namespace) -> int:
+    from kvmkit.domains import define
 
-
-def cmd_console(args: argparse.Namespace) -> int:
-    record = _store().get(args.name)
-    if record.state() != "running":
-        raise VmStateError(f"VM {args.name} is {record.state()}", hint="start it first")
-
-    async def run_command() -> int:
-        stream = await trio.open_unix_socket(str(record.path("console.sock")))
-        console = SerialConsole(stream, name=f"{args.name} console")
-        async with trio.open_nursery() as nursery:
-            await console.start(nursery)
-            try:
-                output = await console.run(args.command, timeout=args.timeout, check=False)
-            finally:
-                await console.aclose()
-        sys.stdout.write(output)
-        return 0
-
-    async def interactive() -> int:
-        import termios
-        import tty
-
-        stream = await trio.open_unix_socket(str(record.path("console.sock")))
-        print(f"connected to {args.name}'s serial console; Ctrl-] to leave", file=sys.stderr)
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
-        if saved is not None:
-            tty.setraw(fd)
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def pump_out() -> None:
-                    while data := await stream.receive_some(4096):
-                        os.write(sys.stdout.fileno(), data)
-                    nursery.cancel_scope.cancel()
-
-                async def pump_in() -> None:
-                    while True:
-                        data = await trio.to_thread.run_sync(
-                            os.read, fd, 1024, abandon_on_cancel=True
-                        )
-                        if not data or b"\x1d" in data:
-                            nursery.cancel_scope.cancel()
-                            return
-                        await stream.send_all(data)
-
-                nursery.start_soon(pump_out)
-                nursery.start_soon(pump_in)
-        finally:
-            if saved is not None:
-                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-            await stream.aclose()
-        print("\ndisconnected", file=sys.stderr)
-        return 0
-
-    return _run(run_command if args.command else interactive)
-
-
-# -- simple QMP verbs -------------------------------------------------------------------
-
-
-def _with_qmp(name: str, action: Callable[[Any, vmstore.VmRecord], Awaitable[int]]) -> int:
-    record = _store().get(name)
-
-    async def main() -> int:
-        with record.lock():
-            async with record.qmp() as qmp:
-                return await action(qmp, record)
-
-    return _run(main)
-
-
-def cmd_suspend(args: argparse.Namespace) -> int:
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        if (await qmp.execute("query-status"))["status"] != "paused":
-            await qmp.execute_and_wait("stop", event="STOP", timeout=10)
-        print(f"VM {record.name} suspended")
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        if (await qmp.execute("query-status"))["status"] != "running":
-            await qmp.execute_and_wait("cont", event="RESUME", timeout=10)
-        print(f"VM {record.name} resumed")
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def cmd_setmem(args: argparse.Namespace) -> int:
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        actual = await hotplug.set_balloon(qmp, args.mib, timeout=args.timeout)
-        print(f"VM {record.name}: balloon at {actual:.0f} MiB")
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def cmd_attach_disk(args: argparse.Namespace) -> int:
-    path = Path(args.path).resolve()
-    fmt = args.format or qemu_img.info(path)["format"]
-
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        # On q35 this picks a free pcie-root-port; on pc, the root bus.
-        disk = await hotplug.add_disk(qmp, str(path), fmt=fmt, disk_id=args.id)
-        plugged = record.hotplugged()
-        plugged[disk.id] = {"path": str(path), "format": fmt}
-        record.save_hotplugged(plugged)
-        print(f"VM {record.name}: attached {path} as {disk.id}")
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def cmd_detach_disk(args: argparse.Namespace) -> int:
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        latency = await hotplug.remove_disk(qmp, args.id, timeout=args.timeout)
-        plugged = record.hotplugged()
-        plugged.pop(args.id, None)
-        record.save_hotplugged(plugged)
-        print(
-            f"VM {record.name}: detached {args.id} (DEVICE_DELETED after {latency * 1000:.0f} ms)"
-        )
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def _snapshot_nodes(record: vmstore.VmRecord) -> tuple[str, list[str]]:
-    disks = [d for d in record.config.drives if d.format == "qcow2" and not d.readonly]
-    if not disks:
-        raise VmStateError(
-            f"VM {record.name} has no writable qcow2 disk to hold snapshots",
-            hint="start it with --disk IMAGE.qcow2",
-        )
-    return disks[0].node, [d.node for d in disks]
-
-
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        vmstate, devices = _snapshot_nodes(record)
-        if args.list:
-            for snap in await snapshot.list_snapshots(qmp, vmstate):
-                print(f"{snap['name']:20} {snap['vm-state-size'] / MIB:8.1f} MiB")
-            return 0
-        if args.delete:
-            await snapshot.delete(qmp, args.tag, devices=devices)
-            print(f"VM {record.name}: snapshot {args.tag} deleted")
-            return 0
-        if not args.tag:
-            raise VmStateError("name the snapshot: kvmkit vm snapshot NAME TAG")
-        await snapshot.save(qmp, args.tag, vmstate=vmstate, devices=devices)
-        print(f"VM {record.name}: snapshot {args.tag} saved")
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def cmd_revert(args: argparse.Namespace) -> int:
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        vmstate, devices = _snapshot_nodes(record)
-        await snapshot.load(qmp, args.tag, vmstate=vmstate, devices=devices)
-        print(f"VM {record.name}: reverted to {args.tag}")
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-def cmd_qmp(args: argparse.Namespace) -> int:
-    try:
-        arguments = json.loads(args.arguments) if args.arguments else None
-    except ValueError as exc:
-        raise VmStateError(f"arguments are not valid JSON: {exc}") from exc
-
-    async def act(qmp: Any, record: vmstore.VmRecord) -> int:
-        try:
-            reply = await qmp.execute(args.command, arguments)
-        except ExecuteError as exc:
-            print(f"kvmkit vm qmp: {args.command} failed: {exc}", file=sys.stderr)
-            return 1
-        print(json.dumps(reply, indent=2))
-        return 0
-
-    return _with_qmp(args.name, act)
-
-
-# -- stop -------------------------------------------------------------------------------
-
-
-def _stop(args: argparse.Namespace, graceful: bool) -> int:
-    record = _store().get(args.name)
-
-    async def main() -> int:
-        with record.lock(timeout=30):
-            if record.state() == "shut off":
-                print(f"VM {record.name} is not running")
-                return 0
-            step = await vmstore.stop_process(
-                record, graceful=graceful, powerdown_timeout=getattr(args, "timeout", 30.0)
-            )
-        print(f"VM {record.name} stopped ({step})")
-        return 0
-
-    return _run(main)
-
-
-def cmd_shutdown(args: argparse.Namespace) -> int:
-    return _stop(args, graceful=True)
-
-
-def cmd_destroy(args: argparse.Namespace) -> int:
-    status = _stop(args, graceful=False)
-    if args.undefine:
-        _store().remove(args.name)
-        print(f"VM {args.name} undefined")
-    return status
-
-
-def cmd_cleanup(args: argparse.Namespace) -> int:
-    cleaned = _store().cleanup()
-    print(f"cleaned up: {', '.join(cleaned)}" if cleaned else "nothing to clean up")
+    define(_definition_from_args(args))
+    _say(f"Domain {args.name} defined")
     return 0
 
 
-# -- clone, autostart -------------------------------------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    from kvmkit.domains import DomainStore
+
+    new = not DomainStore().exists(args.name)
+    dom = _define(args)
+
+    async def main() -> int:
+        try:
+            report = await dom.start(wait_ready=args.wait)
+        except BaseException:
+            if new:  # a domain that never ran is not kept defined
+                dom.store.remove(dom.name)
+            raise
+        _say(f"Domain {dom.name} started: pid {report.pid}, accelerator {report.accel}")
+        if report.ready:
+            _say(f"Domain {dom.name}: guest ready")
+        elif report.ready is False:
+            _ui().err_console.print(f"Domain {dom.name}: no ready marker within {args.wait:g} s")
+        return 0
+
+    return _run(main)
 
 
-def cmd_clone(args: argparse.Namespace) -> int:
-    store = _store()
-    source = store.get(args.name)
-    if store.exists(args.new):
-        raise VmStateError(f"a VM named {args.new} already exists")
-    config = source.config
-    with source.lock():
-        if source.state() == "running":
-            raise VmStateError(
-                f"VM {args.name} is running", hint="shut it down first (disks must be quiet)"
+# -- list / dominfo / dumpconfig / domblklist -----------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from kvmkit.domains import list_domains
+
+    async def main() -> int:
+        rows = [await dom.summary() for dom in list_domains()]
+        if args.json:
+            _ui().print_json(rows)
+            return 0
+        _ui().print_table(
+            ["Name", "State", "PID", "Max memory", "CPUs", "Autostart"],
+            [
+                [
+                    r["name"],
+                    r["state"],
+                    str(r["pid"] or "-"),
+                    f"{r['memory_mib']} MiB" if "memory_mib" in r else None,
+                    r.get("cpus"),
+                    _yes_no(r.get("autostart")),
+                ]  # fmt: skip
+                for r in rows
+            ],
+            numeric=("PID", "Max memory", "CPUs"),
+        )
+        dead = [str(r["name"]) for r in rows if r["state"] == "dead"]
+        if dead:
+            _ui().err_console.print(
+                f"dead (QEMU exited): {', '.join(dead)}; `kvmkit vm cleanup` clears"
             )
-        record = store.create(args.new, MachineConfig.from_json(config.to_json()))
-        new_config = record.config
-        for drive in new_config.drives:
-            src = Path(drive.path)
-            dest = record.directory / f"{drive.node}.qcow2"
-            if args.linked:
-                qemu_img.create(dest, backing=src, backing_fmt=drive.format)
-            else:
-                qemu_img.convert(src, dest, in_fmt=drive.format)
-            drive.path, drive.format = str(dest), "qcow2"
-        record.save_config(new_config)
-    kind = "linked clone (qcow2 overlays)" if args.linked else "full copy"
-    print(f"VM {args.new} created from {args.name}: {kind}, {len(new_config.drives)} disk(s)")
+        return 0
+
+    return _run(main)
+
+
+def _yes_no(value: bool | None) -> str | None:
+    return None if value is None else "yes" if value else "no"
+
+
+def cmd_dominfo(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+
+    async def main() -> int:
+        info = await dom.info()
+        if args.json:
+            _ui().print_json(info)
+            return 0
+        labels = {
+            "name": "Name", "state": "State", "cpus": "CPU(s)", "max_memory_mib": "Max memory",
+            "used_memory_mib": "Used memory", "persistent": "Persistent",
+            "autostart": "Autostart", "pid": "PID", "accel": "Accelerator",
+        }  # fmt: skip
+        rows = []
+        for key, label in labels.items():
+            value = info[key]
+            if isinstance(value, bool):
+                value = _yes_no(value)
+            elif key.endswith("_mib"):
+                value = f"{value} MiB"
+            elif key == "pid":
+                value = str(value or "-")
+            rows.append([label, value])
+        _ui().print_table(["Field", "Value"], rows)
+        return 0
+
+    return _run(main)
+
+
+def cmd_dumpconfig(args: argparse.Namespace) -> int:
+    _ui().print_json(_domain(args.name).dumpconfig())
+    return 0
+
+
+def cmd_domblklist(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+
+    async def main() -> int:
+        rows = await dom.block_list(inactive=args.inactive)
+        if args.json:
+            _ui().print_json(rows)
+        else:
+            _ui().print_table(["Target", "Source"], [[r["target"], r["source"]] for r in rows])
+        return 0
+
+    return _run(main)
+
+
+# -- console / qmp ----------------------------------------------------------------------------
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+
+    async def run_command() -> int:
+        sys.stdout.write(await dom.console_run(args.shell, timeout=args.timeout))
+        return 0
+
+    async def interactive() -> int:
+        stream = await dom.open_console()
+        _ui().err_console.print(f"connected to {dom.name}'s serial console; Ctrl-] to leave")
+        await _pump_terminal(stream)
+        _ui().err_console.print("\ndisconnected")
+        return 0
+
+    return _run(run_command if args.shell else interactive)
+
+
+async def _pump_terminal(stream: trio.SocketStream) -> None:
+    """Copy the terminal to ``stream`` and back in raw mode until Ctrl-] or EOF."""
+    import termios
+    import tty
+
+    import trio
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    if saved is not None:
+        tty.setraw(fd)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def pump_out() -> None:
+                while data := await stream.receive_some(4096):
+                    os.write(sys.stdout.fileno(), data)
+                nursery.cancel_scope.cancel()
+
+            async def pump_in() -> None:
+                while True:
+                    data = await trio.to_thread.run_sync(os.read, fd, 1024, abandon_on_cancel=True)
+                    if not data or b"\x1d" in data:
+                        nursery.cancel_scope.cancel()
+                        return
+                    await stream.send_all(data)
+
+            nursery.start_soon(pump_out)
+            nursery.start_soon(pump_in)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        await stream.aclose()
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from kvmkit.qmp import ExecuteError
+
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else None
+    except ValueError as exc:
+        raise _error(f"arguments are not valid JSON: {exc}", "pass one JSON object") from None
+    if arguments is not None and not isinstance(arguments, dict):
+        raise _error("arguments must be a JSON object", "e.g. '{\"value\": 1}'")
+    dom = _domain(args.name)
+
+    async def main() -> int:
+        try:
+            reply = await dom.qmp_command(args.qmp_command, arguments)
+        except ExecuteError as exc:
+            _ui().err_console.print(f"kvmkit vm qmp: {args.qmp_command} failed: {exc}")
+            return 1
+        _ui().print_json(reply)
+        return 0
+
+    return _run(main)
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    _run(_domain(args.name).suspend)
+    _say(f"Domain {args.name} suspended")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _run(_domain(args.name).resume)
+    _say(f"Domain {args.name} resumed")
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    step = _run(lambda: dom.shutdown(timeout=args.timeout))
+    _say(f"Domain {args.name} is being shut down: stopped ({step})")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    step = _run(dom.destroy)
+    _say(f"Domain {args.name} destroyed ({step})")
+    if args.undefine:
+        dom.undefine()
+        _say(f"Domain {args.name} has been undefined")
+    return 0
+
+
+def cmd_undefine(args: argparse.Namespace) -> int:
+    _domain(args.name).undefine()
+    _say(f"Domain {args.name} has been undefined")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from kvmkit.domains import list_domains
+
+    cleaned = [dom.name for dom in list_domains() if dom.cleanup()]
+    _say(f"cleaned up: {', '.join(cleaned)}" if cleaned else "nothing to clean up")
     return 0
 
 
 def cmd_autostart(args: argparse.Namespace) -> int:
-    store = _store()
+    from kvmkit.domains import start_autostart
+
     if args.run:
-
-        async def main() -> int:
-            started = 0
-            for record in store.all():
-                if record.autostart and record.state() != "running":
-                    with record.lock():
-                        record.clear_runtime()
-                        await _start_record(record, record.config, 0)
-                    started += 1
-            print(f"autostart: started {started} VM(s)")
-            return 0
-
-        return _run(main)
+        started = _run(lambda: start_autostart(wait_ready=args.wait))
+        _say(f"autostart: started {len(started)} domain(s) {' '.join(started)}".rstrip())
+        return 0
     if not args.name:
-        raise VmStateError("name a VM, or use --run to start every autostart VM")
-    record = store.get(args.name)
-    record.set_autostart(not args.disable)
-    print(f"VM {args.name}: autostart {'off' if args.disable else 'on'}")
+        raise _error("name a domain", "or use --run to start every autostart domain")
+    _domain(args.name).set_autostart(not args.disable)
+    _say(f"Domain {args.name} {'unmarked as' if args.disable else 'marked as'} autostarted")
     return 0
 
 
-# -- migrate ----------------------------------------------------------------------------
+# -- memory and disks ---------------------------------------------------------------------------
 
 
-def _migration_progress(json_mode: bool) -> migration.Progress:
+def cmd_setmem(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    actual = _run(lambda: dom.set_memory(args.size, live=args.live, config=args.config))
+    if actual is not None:
+        _say(f"Domain {args.name}: balloon at {actual:.0f} MiB")
+    if args.config or actual is None:
+        _say(f"Domain {args.name}: memory {args.size // MiB} MiB from the next start")
+    return 0
+
+
+def cmd_setmaxmem(args: argparse.Namespace) -> int:
+    definition = _domain(args.name).set_max_memory(args.size)
+    _say(
+        f"Domain {args.name}: max memory {definition.memory_mib} MiB, current "
+        f"{definition.current_mib} MiB from the next start"
+    )
+    return 0
+
+
+def _affect_args(dom: Domain, args: argparse.Namespace) -> tuple[bool | None, bool | None]:
+    """virsh's --persistent: the definition, and the running guest when there is one."""
+    if args.persistent:
+        return dom.is_active(), True
+    return args.live, args.config
+
+
+def cmd_attach_disk(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    live, config = _affect_args(dom, args)
+    disk = _run(
+        lambda: dom.attach_disk(
+            args.source,
+            target=args.target,
+            fmt=args.subdriver,
+            readonly=args.mode == "readonly",
+            live=live,
+            config=config,
+        )
+    )
+    _say(f"Domain {args.name}: attached {disk.source} as {disk.target}")
+    return 0
+
+
+def cmd_detach_disk(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    live, config = _affect_args(dom, args)
+    target = _run(
+        lambda: dom.detach_disk(
+            args.target, source=args.source, live=live, config=config, timeout=args.timeout
+        )
+    )
+    _say(f"Domain {args.name}: disk {target} detached")
+    return 0
+
+
+# -- snapshots, clone, migrate -------------------------------------------------------------------
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+
+    async def main() -> int:
+        if args.list:
+            snaps = await dom.snapshot_list()
+            if args.json:
+                _ui().print_json(snaps)
+            else:
+                rows = [[s["name"], s["vm-state-size"] / MiB] for s in snaps]
+                _ui().print_table(["Name", "VM state (MiB)"], rows, numeric=("VM state (MiB)",))
+            return 0
+        if not args.tag:
+            raise _error("name the snapshot", "kvmkit vm snapshot NAME TAG")
+        if args.delete:
+            await dom.snapshot_delete(args.tag)
+            _say(f"Domain {args.name}: snapshot {args.tag} deleted")
+        else:
+            await dom.snapshot_create(args.tag)
+            _say(f"Domain {args.name}: snapshot {args.tag} saved")
+        return 0
+
+    return _run(main)
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    _run(lambda: dom.snapshot_revert(args.tag))
+    _say(f"Domain {args.name}: reverted to {args.tag}")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    clone = _domain(args.name).clone(args.new, linked=args.linked)
+    kind = "linked clone (qcow2 overlays)" if args.linked else "full copy"
+    disks = len(clone.definition.disks)
+    _say(f"Domain {args.new} created from {args.name}: {kind}, {disks} disk(s)")
+    return 0
+
+
+def _migration_progress(json_mode: bool) -> Callable[[dict[str, Any]], None]:
     tty = sys.stderr.isatty()
 
     def show(info: dict[str, Any]) -> None:
@@ -511,7 +501,7 @@ def _migration_progress(json_mode: bool) -> migration.Progress:
         done = total - ram.get("remaining", total)
         line = (
             f"migrate: {info.get('status')} {100 * done / total:5.1f}% "
-            f"{ram.get('transferred', 0) / MIB:7.1f} MiB sent, "
+            f"{ram.get('transferred', 0) / MiB:7.1f} MiB sent, "
             f"{ram.get('mbps', 0):7.0f} Mbit/s, dirty sync {ram.get('dirty-sync-count', 0)}"
         )
         if tty:
@@ -523,190 +513,167 @@ def _migration_progress(json_mode: bool) -> migration.Progress:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    record = _store().get(args.name)
+    from kvmkit.qemu import migration
+
+    dom = _domain(args.name)
     options = migration.MigrationOptions(
         downtime_limit_ms=args.downtime_limit,
-        max_bandwidth=args.bandwidth * MIB if args.bandwidth else None,
+        max_bandwidth=args.bandwidth,
         postcopy=args.postcopy,
         auto_converge=args.auto_converge,
     )
-    progress = _migration_progress(args.json)
     # The statistics carry the warnings; print them once, below, not as Python warnings.
     warnings.simplefilter("ignore", migration.MigrationWarning)
-
-    async def main() -> int:
-        with record.lock(timeout=30):
-            async with record.qmp() as src:
-                if args.uri:
-                    stats = await migration.migrate(
-                        src, args.uri, options=options, progress=progress
-                    )
-                else:
-                    stats = await _migrate_local(record, src, options, progress)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
-        if args.json:
-            print(json.dumps(stats.to_json()))
-        else:
-            print(f"VM {record.name}: {stats.summary()}")
-            for warning in stats.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
+    progress = _migration_progress(args.json)
+    stats = _run(lambda: dom.migrate(args.uri, options=options, progress=progress))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if args.json:
+        _ui().print_json(stats.to_json())
         return 0
-
-    return _run(main)
-
-
-async def _migrate_local(
-    record: vmstore.VmRecord,
-    src: Any,
-    options: migration.MigrationOptions,
-    progress: migration.Progress,
-) -> migration.MigrationStats:
-    """Migrate to a new QEMU in ``<vm>/incoming/`` and let it take over the VM's name:
-    its sockets and pid file replace the old ones once the old QEMU has quit."""
-    config = record.config
-    # A fresh folder per migration: a QEMU unlinks its sockets by their original path when
-    # it exits, so a reused path would lose the next QEMU's socket.
-    for stale in record.directory.glob("incoming-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    subdir = f"incoming-{time.time_ns()}"
-    incoming = record.directory / subdir
-    old_pid = record.pid
-    new_pid = await vmstore.spawn(record, config, incoming="defer", subdir=subdir)
-    try:
-        async with open_qmp(incoming / "qmp.sock") as dst:
-            uri = await migration.prepare_incoming(
-                dst, f"unix:{incoming / 'migrate.sock'}", options
-            )
-            stats = await migration.migrate(src, uri, options=options, dest=dst, progress=progress)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            _kill(new_pid)
-            shutil.rmtree(incoming, ignore_errors=True)
-        raise
-    # The old QEMU is paused in postmigrate: end it, then move the new one in.
-    try:
-        await src.execute("quit")
-    except Exception:
-        pass
-    deadline = time.monotonic() + 10
-    while old_pid and vmstore._pid_alive(old_pid) and time.monotonic() < deadline:
-        await trio.sleep(0.05)
-    if old_pid and vmstore._pid_alive(old_pid):
-        _kill(old_pid)
-    for name in ("qmp.sock", "console.sock", "qemu.pid", "accel"):
-        (incoming / name).rename(record.path(name))
-    # incoming/ keeps qemu.log; the next migration's clean-up removes it.
-    return stats
+    _say(f"Domain {args.name}: {stats.summary()}")
+    for warning in stats.warnings:
+        _ui().err_console.print(f"warning: {warning}")
+    return 0
 
 
-def _kill(pid: int | None) -> None:
-    import signal
-
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    try:
-        os.waitpid(pid, 0)  # reap it when this process started it
-    except ChildProcessError:
-        pass
+# -- parser ----------------------------------------------------------------------------------
 
 
-# -- parser -----------------------------------------------------------------------------
-
-
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("vm", help="start, drive and migrate QEMU guests (virsh-like)")
-    sub = parser.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
-
-    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
-        p = sub.add_parser(name, help=help)
-        p.set_defaults(func=func)
-        return p
-
-    p = verb("start", cmd_start, "define (if new) and start a VM")
+def _add_define_options(p: argparse.ArgumentParser) -> None:
+    memory = size_arg("M", minimum=MIN_MEMORY)
     p.add_argument("name")
     p.add_argument("--kernel", help="kernel image (default: the guest kit)")
     p.add_argument("--initrd")
     p.add_argument("--append")
-    p.add_argument("--memory", type=int, help="RAM in MiB (default 256)")
-    p.add_argument("--maxmem", type=int, help="max RAM in MiB with hotplug slots")
-    p.add_argument("--cpus", type=int)
-    p.add_argument("--maxcpus", type=int)
-    p.add_argument("--disk", action="append", help="disk image (repeatable)")
+    p.add_argument("--boot", choices=("kernel", "disk"), help="disk: the firmware boots disk 1")
+    p.add_argument("--memory", type=memory, help="RAM: 512M, 1G, 1.5G or MiB (default 256)")
+    p.add_argument("--maxmem", type=memory, help="memory hotplug ceiling (pc-dimm), as --memory")
+    p.add_argument("--cpus", type=COUNT)
+    p.add_argument("--maxcpus", type=COUNT)
+    p.add_argument("--disk", action="append", help="disk image (repeatable): vda, vdb, ...")
     p.add_argument("--machine", choices=("pc", "q35", "microvm"))
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"))
     p.add_argument("--network", choices=("none", "user"))
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the guest kit")
     p.add_argument("--quiet", action="store_true")
 
-    p = verb("list", cmd_list, "list VMs")
-    p.add_argument("--json", action="store_true")
-    p = verb("info", cmd_info, "show a VM")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
-    p = verb("console", cmd_console, "attach to the serial console (Ctrl-] leaves)")
-    p.add_argument("name")
-    p.add_argument(
-        "--command", "-c", help="run one shell command in the guest and print its output"
-    )
-    p.add_argument("--timeout", type=float, default=30.0)
-    for name, func, text in (
-        ("suspend", cmd_suspend, "pause the VM"),
-        ("resume", cmd_resume, "resume the VM"),
-    ):
-        verb(name, func, text).add_argument("name")
-    p = verb("shutdown", cmd_shutdown, "ACPI power-off, then quit/SIGTERM/SIGKILL")
-    p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p = verb("destroy", cmd_destroy, "stop at once (no powerdown)")
-    p.add_argument("name")
-    p.add_argument("--undefine", action="store_true", help="also delete the VM's folder")
-    verb("cleanup", cmd_cleanup, "clear the runtime files of VMs whose QEMU died")
-    p = verb("setmem", cmd_setmem, "set the balloon target (MiB)")
-    p.add_argument("name")
-    p.add_argument("mib", type=int)
-    p.add_argument("--timeout", type=float, default=30.0)
-    p = verb("attach-disk", cmd_attach_disk, "hot-add a disk")
-    p.add_argument("name")
-    p.add_argument("path")
-    p.add_argument("--format", choices=("qcow2", "raw"))
-    p.add_argument("--id")
-    p = verb("detach-disk", cmd_detach_disk, "hot-remove a disk (waits for DEVICE_DELETED)")
-    p.add_argument("name")
-    p.add_argument("id")
-    p.add_argument("--timeout", type=float, default=15.0)
-    p = verb("snapshot", cmd_snapshot, "save an internal snapshot (or --list / --delete)")
-    p.add_argument("name")
-    p.add_argument("tag", nargs="?")
-    p.add_argument("--list", action="store_true")
-    p.add_argument("--delete", action="store_true")
-    p = verb("revert", cmd_revert, "revert to a snapshot")
-    p.add_argument("name")
-    p.add_argument("tag")
-    p = verb("clone", cmd_clone, "copy a shut-off VM (full, or --linked qcow2 overlays)")
-    p.add_argument("name")
-    p.add_argument("new")
-    p.add_argument("--linked", action="store_true")
-    p = verb("migrate", cmd_migrate, "live-migrate (default: to a new local QEMU)")
-    p.add_argument("name")
-    p.add_argument("--uri", help="tcp:HOST:PORT, unix:PATH or exec:CMD")
-    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.add_argument("--downtime-limit", type=int, help="ms")
-    p.add_argument("--bandwidth", type=int, help="MiB/s")
-    p.add_argument("--postcopy", action="store_true")
-    p.add_argument("--auto-converge", action="store_true")
-    p = verb("autostart", cmd_autostart, "mark a VM for autostart; --run starts all marked")
+
+def _add_affect_options(p: argparse.ArgumentParser, persistent: bool) -> None:
+    group = p.add_mutually_exclusive_group()
+    if persistent:
+        group.add_argument("--persistent", action="store_true", help="running guest + definition")
+    group.add_argument("--config", action="store_true", help="the definition (next start)")
+    p.add_argument("--live", action="store_true", help="the running guest")
+    p.add_argument("--current", action="store_true", help="live if running, else config")
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Verbs:
+    """Adds ``kvmkit vm`` verbs: ``verb`` for any, ``named`` for those on one domain."""
+
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+
+    def verb(self, name: str, func: Handler, text: str, **kw: Any) -> Any:
+        p = self.sub.add_parser(name, help=text, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    def named(self, name: str, func: Handler, text: str, **kw: Any) -> Any:
+        p = self.verb(name, func, text, **kw)
+        p.add_argument("name")
+        return p
+
+
+def _register_lifecycle(v: _Verbs) -> None:
+    _add_define_options(v.verb("define", cmd_define, "define a domain (does not start it)"))
+    p = v.verb("start", cmd_start, "start a domain (defining it first if new)")
+    _add_define_options(p)
+    p.add_argument("--wait", type=SECONDS, default=60.0, help="seconds to wait for the guest kit")
+    v.named("suspend", cmd_suspend, "pause the domain")
+    v.named("resume", cmd_resume, "resume the domain")
+    p = v.named("shutdown", cmd_shutdown, "ACPI power-off, then quit/SIGTERM/SIGKILL")
+    p.add_argument("--timeout", type=SECONDS, default=30.0)
+    p = v.named("destroy", cmd_destroy, "stop at once (no power-off)")
+    p.add_argument("--undefine", action="store_true", help="also delete the definition")
+    v.named("undefine", cmd_undefine, "delete a shut-off domain's definition and folder")
+    v.verb("cleanup", cmd_cleanup, "forget recorded QEMUs that are gone")
+    p = v.verb("autostart", cmd_autostart, "mark a domain for autostart; --run starts all marked")
     p.add_argument("name", nargs="?")
     p.add_argument("--disable", action="store_true")
     p.add_argument("--run", action="store_true")
-    p = verb("qmp", cmd_qmp, "send one QMP command and print the reply")
-    p.add_argument("name")
-    p.add_argument("command")
+    p.add_argument("--wait", type=SECONDS, default=0.0, help="with --run: seconds per guest kit")
+
+
+def _register_information(v: _Verbs) -> None:
+    v.verb("list", cmd_list, "list domains").add_argument("--json", action="store_true")
+    p = v.named("dominfo", cmd_dominfo, "state, CPUs, memory, autostart", aliases=["info"])
+    p.add_argument("--json", action="store_true")
+    v.named("dumpconfig", cmd_dumpconfig, "print the definition (JSON)")
+    p = v.named("domblklist", cmd_domblklist, "list disks: target and source")
+    p.add_argument("--inactive", action="store_true", help="the definition's disks")
+    p.add_argument("--json", action="store_true")
+    p = v.named("console", cmd_console, "attach to the serial console (Ctrl-] leaves)")
+    p.add_argument(
+        "--command", "-c", dest="shell", help="run one shell command in the guest, print its output"
+    )
+    p.add_argument("--timeout", type=SECONDS, default=30.0)
+    p = v.named("qmp", cmd_qmp, "send one QMP command and print the reply")
+    p.add_argument("qmp_command", metavar="command")
     p.add_argument("arguments", nargs="?", help="JSON object")
+
+
+def _register_devices(v: _Verbs) -> None:
+    size = size_arg("M", minimum=MIN_MEMORY)
+    p = v.named("setmem", cmd_setmem, "balloon target (--live) and/or next-start memory (--config)")
+    p.add_argument("size", type=size, help="512M, 1G, 1.5G or MiB")
+    _add_affect_options(p, persistent=False)
+    p = v.named("setmaxmem", cmd_setmaxmem, "max memory from the next start (the definition)")
+    p.add_argument("size", type=size, help="512M, 1G, 1.5G or MiB")
+    p.add_argument("--config", action="store_true", help="(the default: the definition)")
+    p = v.named("attach-disk", cmd_attach_disk, "add a disk (hot, and/or to the definition)")
+    p.add_argument("source")
+    p.add_argument("--target", help="vdb, vdc, ... (default: the first free)")
+    p.add_argument("--subdriver", "--format", choices=("qcow2", "raw"), dest="subdriver")
+    p.add_argument("--mode", choices=("readonly",))
+    _add_affect_options(p, persistent=True)
+    p = v.named("detach-disk", cmd_detach_disk, "remove a disk by target or --source PATH")
+    p.add_argument("target", nargs="?")
+    p.add_argument("--source", help="the disk's image path")
+    p.add_argument("--timeout", type=SECONDS, default=15.0)
+    _add_affect_options(p, persistent=True)
+
+
+def _register_images(v: _Verbs) -> None:
+    p = v.named("snapshot", cmd_snapshot, "save an internal snapshot (or --list / --delete)")
+    p.add_argument("tag", nargs="?")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--delete", action="store_true")
+    p.add_argument("--json", action="store_true")
+    v.named("revert", cmd_revert, "revert to a snapshot").add_argument("tag")
+    p = v.named("clone", cmd_clone, "copy a shut-off domain (full, or --linked qcow2 overlays)")
+    p.add_argument("new")
+    p.add_argument("--linked", action="store_true")
+    p = v.named("migrate", cmd_migrate, "live-migrate (default: to a new local QEMU)")
+    p.add_argument("--uri", help="tcp:HOST:PORT, unix:PATH or exec:CMD")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--downtime-limit", type=_number(int, 1, 600_000), help="ms")
+    p.add_argument("--bandwidth", type=size_arg("M", minimum=MiB), help="per second: 64M, 1G, MiB")
+    p.add_argument("--postcopy", action="store_true")
+    p.add_argument("--auto-converge", action="store_true")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "vm", help="define, start, drive and migrate QEMU guests (virsh)"
+    )
+    verbs = _Verbs(parser.add_subparsers(dest="vm_command", metavar="ACTION", required=True))
+    _register_lifecycle(verbs)
+    _register_information(verbs)
+    _register_devices(verbs)
+    _register_images(verbs)
 
 
 __all__ = ["register"]

@@ -12,8 +12,7 @@ Typical use::
 
 Modules: :mod:`.machine` (launch, console, shutdown ladder), :mod:`.config` (command
 line), :mod:`.guestkit` (the Linux guest), :mod:`.hotplug`, :mod:`.snapshot`,
-:mod:`.migration`, :mod:`.qemu_img`, :mod:`.vmstore` (state of ``kvmkit vm``),
-:mod:`.accel`, :mod:`.console`, :mod:`.errors`.
+:mod:`.migration`, :mod:`.qemu_img`, :mod:`.accel`, :mod:`.console`, :mod:`.errors`.
 """
 
 from kvmkit.qemu.accel import AccelChoice, choose_accel, kvm_backend

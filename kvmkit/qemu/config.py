@@ -3,11 +3,17 @@
 :func:`build_command` is pure: it takes the configuration and the paths of the sockets
 and files the launcher set up, and returns the argument list.  Nothing here starts a
 process.
+
+No value reaches an option string as it is: QEMU's option parser splits at commas, so a
+path like ``/d/real.img,locking=off`` would add an option.  :func:`opt_value` doubles
+the commas (QEMU's escape), and disks go in as JSON (``-blockdev '{...}'``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,18 @@ from kvmkit.qemu.guestkit import GuestKit
 MachineType = Literal["pc", "q35", "microvm"]
 Network = Literal["none", "user"]
 MACHINE_TYPES: tuple[str, ...] = ("pc", "q35", "microvm")
+#: Node names and device ids: QEMU's identifier rule (a letter, then letters, digits,
+#: '-', '.', '_'; at most 31 characters in block node names).
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+
+
+def opt_value(value: object) -> str:
+    """``value`` made safe inside a QEMU ``key=value,...`` option string (commas
+    doubled); a value with a newline or NUL, which no option can carry, is refused."""
+    text = str(value)
+    if "\n" in text or "\0" in text:
+        raise QemuError(f"{text!r} cannot be passed to QEMU (newline or NUL in it)")
+    return text.replace(",", ",,")
 
 
 @dataclass
@@ -88,6 +106,12 @@ class MachineConfig:
         nodes = [d.node for d in self.drives]
         if len(set(nodes)) != len(nodes):
             raise QemuError(f"drive node names must be unique: {nodes}")
+        for node in nodes:
+            if not _QEMU_ID.fullmatch(node):
+                raise QemuError(
+                    f"bad drive node name {node!r}",
+                    hint="a letter, then letters, digits, '-', '.', '_' (at most 31)",
+                )
         if self.initrd and not self.kernel:
             raise QemuError("an initrd needs a kernel")
 
@@ -158,7 +182,7 @@ def build_command(
     machine_opts: str = machine
     if machine == "microvm":
         machine_opts += ",acpi=on"
-    cmd = [config.qemu_binary, "-name", f"{config.name},debug-threads=on"]
+    cmd = [config.qemu_binary, "-name", f"{opt_value(config.name)},debug-threads=on"]
     cmd += ["-machine", machine_opts, "-accel", accel]
     cmd += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     cpu_model = config.cpu_model or ("host" if accel == "kvm" else "qemu64")
@@ -181,10 +205,10 @@ def build_command(
     if qmp_fd is not None:
         cmd += ["-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control"]
     else:
-        cmd += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
-    chardev = f"socket,id=serial0,path={console_socket},server=on,wait=off"
+        cmd += ["-qmp", f"unix:{opt_value(qmp_socket)},server=on,wait=off"]
+    chardev = f"socket,id=serial0,path={opt_value(console_socket)},server=on,wait=off"
     if console_log is not None:
-        chardev += f",logfile={console_log},logappend=on"
+        chardev += f",logfile={opt_value(console_log)},logappend=on"
     cmd += ["-chardev", chardev, "-serial", "chardev:serial0"]
     if pidfile is not None:
         cmd += ["-pidfile", str(pidfile)]
@@ -194,15 +218,10 @@ def build_command(
             port = hotplug_port(index)
             cmd += ["-device", f"pcie-root-port,id={port},chassis={index + 1},bus=pcie.0"]
     for drive in config.drives:
-        ro = ",read-only=on" if drive.readonly else ""
-        cmd += [
-            "-blockdev",
-            f"driver=file,filename={drive.path},node-name={drive.node}-file{ro}",
-            "-blockdev",
-            f"driver={drive.format},file={drive.node}-file,node-name={drive.node}{ro}",
-            "-device",
-            f"{config.virtio('blk')},drive={drive.node},id={drive.node}",
-        ]
+        cmd += ["-blockdev", _blockdev_json(drive, "file"), "-blockdev", _blockdev_json(drive)]
+        # The serial is the node name: the guest finds it in /sys/block/vd*/serial.
+        device = f"{config.virtio('blk')},drive={drive.node},id={drive.node},serial={drive.node}"
+        cmd += ["-device", device]
     if config.network == "user":
         cmd += ["-netdev", "user,id=net0", "-device", f"{config.virtio('net')},netdev=net0,id=nic0"]
     if config.balloon:
@@ -213,6 +232,20 @@ def build_command(
         cmd += ["-incoming", incoming]
     cmd += list(config.extra_args)
     return cmd
+
+
+def _blockdev_json(drive: Drive, layer: str = "format") -> str:
+    """``-blockdev`` for ``drive`` as JSON (no option-string parsing of the path): the
+    protocol node ``<node>-file`` for ``layer="file"``, else the format node."""
+    if drive.format not in ("qcow2", "raw"):
+        raise QemuError(f"unknown disk format {drive.format!r}", hint="use qcow2 or raw")
+    spec: dict[str, str | bool]
+    if layer == "file":
+        spec = {"driver": "file", "filename": drive.path, "node-name": f"{drive.node}-file"}
+    else:
+        spec = {"driver": drive.format, "file": f"{drive.node}-file", "node-name": drive.node}
+    spec["read-only"] = drive.readonly
+    return json.dumps(spec)
 
 
 def format_command(cmd: list[str]) -> str:

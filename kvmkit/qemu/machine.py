@@ -18,6 +18,12 @@ Shutdown is a ladder, run on every exit path (cancellation included, shielded):
 ``system_powerdown`` and wait for ``SHUTDOWN`` (only when the guest runs), then
 ``quit``, then SIGTERM, then SIGKILL, each with a timeout.  Afterwards no process,
 socket or directory of the machine remains.
+
+A machine that must outlive the calling program (``kvmkit vm``) is launched with
+``detached=True`` into a ``directory`` the caller names, then :meth:`QemuMachine.detach`
+lets it go.  Later, :meth:`QemuMachine.adopt` wraps that running QEMU again (given a
+:class:`ProcessHandle` whose identity the caller has verified), so the same ladder
+stops it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -56,6 +62,24 @@ class State(enum.Enum):
     RUNNING = "running"  # the QEMU process is up (the guest may be paused)
     SHUTTING_DOWN = "shutting-down"
     STOPPED = "stopped"
+    DETACHED = "detached"  # QEMU runs on, no longer owned by this object
+
+
+class ProcessHandle(Protocol):
+    """What the shutdown ladder needs of a QEMU process (``trio.Process`` has it).
+
+    An adopted process's handle must only ever signal the process it was verified to
+    be (e.g. through a pidfd), never whatever process has that PID now."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    async def wait(self) -> int: ...
 
 
 def default_signal_dispositions() -> None:
@@ -75,8 +99,12 @@ class QemuMachine(trio.abc.AsyncResource):
     after launch.  ``qmp_transport`` is ``"unix"`` (a socket in the private directory,
     which other clients can use too) or ``"socketpair"`` (a connected pair; nothing on
     disk, and under cancellation the ladder can only signal).  ``base_dir`` is where the
-    private directory is created (default: the system temp dir).  Timeouts are in
-    seconds.
+    private directory is created (default: the system temp dir); ``directory`` instead
+    names it exactly (it must not exist yet; it is created ``0700`` and removed at
+    shutdown).  ``detached`` starts QEMU in its own session, so it survives this program
+    once :meth:`detach` is called.  ``console_log`` names a file outside the directory
+    that collects the guest's console output (appended; it outlives the machine).
+    Timeouts are in seconds.
     """
 
     def __init__(
@@ -90,6 +118,9 @@ class QemuMachine(trio.abc.AsyncResource):
         quit_timeout: float = 5.0,
         term_timeout: float = 5.0,
         qmp_transport: str = "unix",
+        directory: str | Path | None = None,
+        detached: bool = False,
+        console_log: str | Path | None = None,
     ) -> None:
         if qmp_transport not in ("unix", "socketpair"):
             raise MachineStateError(
@@ -100,6 +131,11 @@ class QemuMachine(trio.abc.AsyncResource):
         self.incoming = incoming
         self.accel: AccelChoice = choose_accel(config.accel)
         self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.fixed_directory = Path(directory) if directory is not None else None
+        self.detached = detached
+        self._console_log = Path(console_log) if console_log is not None else None
+        self._adopted = False
+        self._nursery: trio.Nursery | None = None
         self.launch_timeout = launch_timeout
         self.powerdown_timeout = powerdown_timeout
         self.quit_timeout = quit_timeout
@@ -110,7 +146,7 @@ class QemuMachine(trio.abc.AsyncResource):
         self.exit_code: int | None = None
         self.shutdown_step: str | None = None  # which rung of the ladder ended QEMU
         self.started_at: float | None = None
-        self._process: trio.Process | None = None
+        self._process: ProcessHandle | None = None
         self._qmp: QMPClient | None = None
         self._console: SerialConsole | None = None
         self._stack: AsyncExitStack | None = None
@@ -137,6 +173,8 @@ class QemuMachine(trio.abc.AsyncResource):
 
     @property
     def console_log(self) -> Path:
+        if self._console_log is not None:
+            return self._console_log
         return self._path("console.log")
 
     @property
@@ -227,12 +265,18 @@ class QemuMachine(trio.abc.AsyncResource):
             await self._teardown(self._close_graceful, from_server=True)
             self._closed.set()
 
-    async def _launch(self) -> None:
+    def _make_directory(self) -> Path:
+        if self.fixed_directory is not None:
+            self.fixed_directory.mkdir(mode=0o700)  # must be new: nobody else's sockets
+            return self.fixed_directory
         kwargs: dict[str, Any] = {"prefix": f"kvmkit-{self.config.name}-"}
         if self.base_dir is not None:
             self.base_dir.mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = self.base_dir
-        self.directory = Path(tempfile.mkdtemp(**kwargs))  # mkdtemp creates it 0700
+        return Path(tempfile.mkdtemp(**kwargs))  # mkdtemp creates it 0700
+
+    async def _launch(self) -> None:
+        self.directory = self._make_directory()
         os.chmod(self.directory, 0o700)
         self.started_at = time.time()
         ours: socket.socket | None = None
@@ -259,6 +303,7 @@ class QemuMachine(trio.abc.AsyncResource):
                         stderr=log,
                         pass_fds=(theirs.fileno(),) if theirs is not None else (),
                         preexec_fn=default_signal_dispositions,
+                        start_new_session=self.detached,
                     )
                 except OSError as exc:
                     raise LaunchError(
@@ -275,6 +320,7 @@ class QemuMachine(trio.abc.AsyncResource):
                 theirs.close()  # QEMU has its own copy now
         self._stack = AsyncExitStack()
         nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._nursery = nursery
         nursery.start_soon(self._watch_process)
 
         deadline = trio.current_time() + self.launch_timeout
@@ -337,6 +383,41 @@ class QemuMachine(trio.abc.AsyncResource):
         await self._process.wait()
         self.exit_code = self._process.returncode
         self._exited.set()
+
+    # -- detach and adopt ------------------------------------------------------------------
+
+    async def detach(self) -> None:
+        """Let a ``detached`` machine go: close QMP and the console, keep QEMU and the
+        directory.  Must be called from the task that launched it (not with a nursery)."""
+        if not self.detached or self._served or self.state is not State.RUNNING:
+            raise MachineStateError(
+                f"machine {self.config.name} is {self.state.value}; only a running machine"
+                " launched with detached=True (no nursery) can be detached"
+            )
+        if self._console is not None:
+            await self._console.aclose()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await _close_quietly(stack)
+        self._qmp = None
+        self._console = None
+        self.state = State.DETACHED
+
+    @classmethod
+    def adopt(
+        cls, config: MachineConfig, directory: Path, process: ProcessHandle, **kwargs: Any
+    ) -> QemuMachine:
+        """A machine for a QEMU that runs already (launched ``detached`` earlier), so
+        :meth:`shutdown`/:meth:`kill` can stop it with the ladder; QMP is reached through
+        ``directory/qmp.sock``.  ``process`` must be verified to be that QEMU."""
+        machine = cls(config, directory=directory, **kwargs)
+        machine.directory = Path(directory)
+        machine._process = process
+        machine._adopted = True
+        machine.state = State.RUNNING
+        return machine
 
     # -- guest ---------------------------------------------------------------------------
 
@@ -402,8 +483,8 @@ class QemuMachine(trio.abc.AsyncResource):
             with trio.CancelScope(shield=True):
                 await self._closed.wait()
             return
-        if self.state is State.STOPPED:
-            return
+        if self.state in (State.STOPPED, State.DETACHED):
+            return  # a detached QEMU is not ours to stop; adopt it for that
         self.state = State.SHUTTING_DOWN
         # Under cancellation the QMP client's own tasks are cancelled too, so the ladder
         # talks to QEMU over a fresh connection opened inside the shield.
@@ -413,6 +494,8 @@ class QemuMachine(trio.abc.AsyncResource):
                 if self._process is not None and self._process.returncode is None:
                     if cancelled and self._qmp is not None:
                         await self._qmp.aclose()
+                        await self._ladder_fresh(graceful)
+                    elif self._adopted:
                         await self._ladder_fresh(graceful)
                     else:
                         await self._ladder(graceful, self._qmp)

@@ -1,11 +1,16 @@
 """``qemu-img`` as functions: create, info, convert and internal snapshots, with JSON
 output parsed.  Thin (sparse) or thick images: ``preallocation`` ``off`` vs ``full``
 (qcow2 also ``metadata``/``falloc``), as the seed does by hand.
+
+Every image name is passed as an absolute path (:func:`_file`): qemu-img reads a name
+like ``json:{...}`` or ``nbd:host`` as options or a protocol, and an absolute path
+starts with ``/``, so it is always just a file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +19,7 @@ from typing import Any
 from kvmkit.qemu.errors import QemuImgError
 
 QEMU_IMG = "qemu-img"
+PREALLOCATION = ("off", "metadata", "falloc", "full")
 
 
 def _run(args: list[str], *, timeout: float = 600) -> str:
@@ -36,6 +42,11 @@ def _size(size: int | str) -> str:
     return str(size)
 
 
+def _file(path: str | Path) -> str:
+    """``path`` as an absolute file name (never read as options or a protocol)."""
+    return os.path.abspath(path)
+
+
 def create(
     path: str | Path,
     size: int | str | None = None,
@@ -51,10 +62,14 @@ def create(
     args = ["create", "-q", "-f", fmt]
     if backing is not None:
         bfmt = backing_fmt or info(backing)["format"]
-        args += ["-b", str(Path(backing).resolve()), "-F", bfmt]
+        args += ["-b", str(Path(_file(backing)).resolve()), "-F", bfmt]
     if preallocation:
+        if preallocation not in PREALLOCATION:
+            raise QemuImgError(
+                f"unknown preallocation {preallocation!r}", hint=f"use one of {PREALLOCATION}"
+            )
         args += ["-o", f"preallocation={preallocation}"]
-    args.append(str(path))
+    args.append(_file(path))
     if size is not None:
         args.append(_size(size))
     elif backing is None:
@@ -69,7 +84,7 @@ def info(path: str | Path, *, backing_chain: bool = False) -> dict[str, Any]:
     args = ["info", "--output=json", "-U"]
     if backing_chain:
         args.append("--backing-chain")
-    data = json.loads(_run([*args, str(path)]))
+    data = json.loads(_run([*args, _file(path)]))
     if backing_chain:
         return {**data[0], "chain": data}
     return dict(data)
@@ -89,26 +104,26 @@ def convert(
         args += ["-f", in_fmt]
     if compress:
         args.append("-c")
-    _run([*args, str(source), str(dest)])
+    _run([*args, _file(source), _file(dest)])
     return info(dest)
 
 
 def check(path: str | Path) -> dict[str, Any]:
     """``qemu-img check --output=json`` (qcow2 consistency)."""
-    return dict(json.loads(_run(["check", "--output=json", "-U", str(path)])))
+    return dict(json.loads(_run(["check", "--output=json", "-U", _file(path)])))
 
 
 def snapshot_create(path: str | Path, tag: str) -> None:
     """An internal (qcow2) snapshot of a disk that no running QEMU has open."""
-    _run(["snapshot", "-c", tag, str(path)])
+    _run(["snapshot", "-c", tag, _file(path)])
 
 
 def snapshot_apply(path: str | Path, tag: str) -> None:
-    _run(["snapshot", "-a", tag, str(path)])
+    _run(["snapshot", "-a", tag, _file(path)])
 
 
 def snapshot_delete(path: str | Path, tag: str) -> None:
-    _run(["snapshot", "-d", tag, str(path)])
+    _run(["snapshot", "-d", tag, _file(path)])
 
 
 def snapshot_list(path: str | Path) -> list[dict[str, Any]]:

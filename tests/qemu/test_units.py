@@ -3,6 +3,7 @@ line, the accelerator choice, qemu-img."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from kvmkit.qemu.config import Drive, MachineConfig, build_command
 from kvmkit.qemu.errors import QemuError, QemuImgError
 from kvmkit.qemu.guestkit import GuestKit
 from kvmkit.qemu.kernel import extract_vmlinux, has_pvh_entry, module_depends
+from kvmkit.qemu.machine import QemuMachine
 
 
 def test_cpio_archive_lists_with_the_cpio_tool(tmp_path: Path) -> None:
@@ -105,8 +107,14 @@ def test_command_line_from_config() -> None:
     assert cmd[cmd.index("-smp") + 1] == "1,maxcpus=4"
     assert "pcie-root-port,id=hp0,chassis=1,bus=pcie.0" in cmd
     assert "pcie-root-port,id=hp1,chassis=2,bus=pcie.0" in cmd
-    assert "driver=qcow2,file=disk0-file,node-name=disk0" in cmd
-    assert "driver=raw,file=disk1-file,node-name=disk1,read-only=on" in cmd
+    blockdevs = [json.loads(cmd[i + 1]) for i, a in enumerate(cmd) if a == "-blockdev"]
+    assert blockdevs[1] == {
+        "driver": "qcow2", "file": "disk0-file", "node-name": "disk0", "read-only": False
+    }  # fmt: skip
+    assert blockdevs[2] == {
+        "driver": "file", "filename": "/e.raw", "node-name": "disk1-file", "read-only": True
+    }  # fmt: skip
+    assert "virtio-blk-pci,drive=disk1,id=disk1,serial=disk1" in cmd
     assert "virtio-balloon-pci,id=balloon0" in cmd
     assert "unix:/x/q,server=on,wait=off" in cmd
     assert "-S" in cmd and line.endswith("-rtc base=utc")
@@ -116,7 +124,7 @@ def test_command_line_from_config() -> None:
         qmp_socket=Path("/q"),
         console_socket=Path("/c"),
     )
-    assert "virtio-blk-device,drive=disk0,id=disk0" in micro
+    assert "virtio-blk-device,drive=disk0,id=disk0,serial=disk0" in micro
 
 
 @pytest.mark.parametrize(
@@ -171,3 +179,56 @@ def test_qemu_img_thin_thick_overlay_convert_snapshots(tmp_path: Path) -> None:
     assert qemu_img.check(tmp_path / "flat.qcow2")["check-errors"] == 0
     with pytest.raises(QemuImgError, match="qemu-img"):
         qemu_img.info(tmp_path / "missing.qcow2")
+
+
+def test_option_values_are_escaped_in_the_command_line() -> None:
+    config = MachineConfig(name="a,b", drives=[Drive("/d/x.img,locking=off", format="raw")])
+    cmd = build_command(
+        config,
+        accel="tcg",
+        qmp_socket=Path("/r,un/q"),
+        console_socket=Path("/r,un/c"),
+        console_log=Path("/r,un/log"),
+    )
+    assert cmd[cmd.index("-name") + 1] == "a,,b,debug-threads=on"
+    assert "unix:/r,,un/q,server=on,wait=off" in cmd
+    assert "path=/r,,un/c," in cmd[cmd.index("-chardev") + 1]
+    assert "logfile=/r,,un/log," in cmd[cmd.index("-chardev") + 1]
+    assert not any("locking" in a and "filename" not in a for a in cmd)
+
+
+async def test_a_path_with_a_comma_opens_exactly_that_file(
+    qemu_base: Path, qemu_binary: str
+) -> None:
+    folder = qemu_base / "comma,dir"
+    folder.mkdir()
+    try:
+        real = folder / "real.img"
+        tricky = folder / "real.img,locking=off"
+        qemu_img.create(real, "1M", fmt="raw")
+        qemu_img.create(tricky, "2M", fmt="raw")
+        config = MachineConfig(name="comma", drives=[Drive(str(tricky), format="raw")])
+        # A migration destination stays paused: no guest runs, only QEMU's block layer.
+        async with QemuMachine(config, base_dir=folder, incoming="defer") as vm:
+            nodes = await vm.qmp.execute("query-named-block-nodes", {"flat": True})
+            files = {n["node-name"]: n for n in nodes}
+            assert files["disk0"]["file"] == str(tricky)
+            assert files["disk0"]["image"]["virtual-size"] == 2 << 20
+            assert files["disk0-file"]["file"] == str(tricky)
+            assert vm.directory is not None and "," in str(vm.directory)  # sockets too
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)
+
+
+def test_qemu_img_names_are_files_not_protocols(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Relative names that qemu-img would read as a protocol or as JSON options.
+    for name in ("nbd:localhost:1", 'json:{"driver":"null-co"}'):
+        assert qemu_img.create(name, "1M", fmt="raw")["virtual-size"] == 1 << 20
+        assert (tmp_path / name).is_file()
+    with pytest.raises(QemuImgError, match="preallocation"):
+        qemu_img.create("x.qcow2", "1M", preallocation="full,cluster_size=512")

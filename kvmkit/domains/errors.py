@@ -1,0 +1,30 @@
+"""Errors raised by :mod:`kvmkit.domains`.
+
+::
+
+    KvmkitError
+     └── QemuError
+          └── VmStateError                (kvmkit.qemu.errors)
+               └── DomainError             a verb the domain's state or definition forbids
+                    ├── DefinitionError    a definition file or value that is not valid
+                    └── UntrustedStateError  a state file that cannot be read or trusted
+"""
+
+from __future__ import annotations
+
+from kvmkit.qemu.errors import VmStateError
+
+
+class DomainError(VmStateError):
+    """The domain's state or definition forbids the operation, or it names no domain."""
+
+
+class DefinitionError(DomainError):
+    """A definition (file or value) that is not valid; the message names the field."""
+
+    exit_status = 2
+
+
+class UntrustedStateError(DomainError):
+    """A state file that cannot be read or does not describe a QEMU kvmkit started: a
+    QEMU may still run for the domain, so nothing is started or signalled."""
