@@ -14,6 +14,8 @@ declare -A need=(
     [/bin/busybox]=busybox-static
     [dpkg-deb]=dpkg
     [apt-get]=apt
+    [lxc-create]=lxc
+    [ip]=iproute2
 )
 missing=()
 for thing in "${!need[@]}"; do
@@ -38,7 +40,7 @@ cmd="apt-get update && apt-get install -y ${missing[*]}"
 if [[ $(id -u) -ne 0 ]]; then
     echo "kvmkit: missing system packages: ${missing[*]}" >&2
     echo "kvmkit: run as root:  $cmd" >&2
-    echo "kvmkit: (Fedora: dnf install gcc make qemu-system-x86 qemu-img cpio busybox python3-devel)" >&2
+    echo "kvmkit: (Fedora: dnf install gcc make qemu-system-x86 qemu-img cpio busybox python3-devel lxc iproute)" >&2
     exit 1
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
