@@ -63,7 +63,7 @@ class LxcCommandError(ContainerError):
         self.stderr = stderr
         what = "timed out" if status is None else f"exited with status {status}"
         detail = " | ".join(line.strip() for line in stderr.strip().splitlines()[-3:])
-        message = f"{' '.join(self.argv[:1] + self.argv[1:6])} {what}"
+        message = f"{self.argv[0]} {what}"
         if detail:
             message += f": {detail}"
         super().__init__(message, hint=hint)

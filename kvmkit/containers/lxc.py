@@ -80,8 +80,16 @@ VETH_PREFIX = "kkv"
 VETH_SUBNET = ipaddress.IPv4Network("10.254.0.0/16")
 VETH_GATEWAY = "169.254.0.1"  # proxy-ARPed by the host end in router mode
 TEMPLATE_DIRS = (Path("/usr/share/lxc/templates"), Path("/usr/local/share/lxc/templates"))
-TOOLS = ("lxc-create", "lxc-start", "lxc-attach", "lxc-console", "lxc-info", "lxc-ls")
-TOOLS += ("lxc-stop", "lxc-destroy")
+TOOLS = (
+    "lxc-create",
+    "lxc-start",
+    "lxc-attach",
+    "lxc-console",
+    "lxc-info",
+    "lxc-ls",
+    "lxc-stop",
+    "lxc-destroy",
+)
 MAX_OUTPUT = 16 * 2**20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STDERR_LIMIT = 64 * 1024
@@ -362,7 +370,10 @@ class Container:
         return subprocess.call(self._argv("lxc-console", "-t", str(tty), "-e", f"^{escape}"))
 
     def console_log(self, limit: int = 64 * 1024) -> str:
-        """The last ``limit`` bytes the container wrote on its console."""
+        """The last ``limit`` bytes the container wrote on its console (cheap: reads the
+        log file, runs no LXC tool)."""
+        if not self.defined:
+            raise NoSuchContainerError(f"no container {self.name!r} in {self.lxcpath}")
         path = self.directory / "console.log"
         try:
             with path.open("rb") as f:
