@@ -149,7 +149,10 @@ def _run_bounded(argv: Sequence[str], *, timeout: float | None, limit: int) -> t
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     raise LxcCommandError(
-                        argv, None, b"".join(chunks)[-2048:].decode(errors="replace")
+                        argv,
+                        None,
+                        b"".join(chunks)[-2048:].decode(errors="replace"),
+                        hint=f"the command did not finish within {timeout:g} s",
                     )
                 if not sel.select(wait):
                     continue
