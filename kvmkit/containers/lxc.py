@@ -313,12 +313,14 @@ class Container:
             rcs.write_text(re.sub(r"(?m)^(\s*/bin/udhcpc.*)$", r"# kvmkit: no DHCP here: \1", text))
 
     def start(self, *, timeout: float = 30.0) -> None:
-        """``lxc-start`` (daemonized); returns once LXC reports the container running."""
+        """``lxc-start`` (daemonized); returns once LXC reports the container running.
+        The console log starts empty: it holds this run's output only."""
         self._require_defined()
         if self.running:
             raise ContainerStateError(f"container {self.name!r} is already running")
         log = self.directory / "lxc.log"
         log.unlink(missing_ok=True)
+        (self.directory / "console.log").unlink(missing_ok=True)
         argv = self._argv("lxc-start", "-l", "ERROR", "-o", str(log))
         try:
             _run(argv, timeout=timeout)
