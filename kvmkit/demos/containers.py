@@ -442,7 +442,8 @@ def containers_step(
         say(
             "  On this PVM host the Linux guests run under TCG (QEMU translates every "
             "instruction), so their start times are far longer than with VT-x/AMD-V, where "
-            "they would use KVM; the container and the kvmkit VM are not affected."
+            "they would use KVM. The hello guest's few instructions run at CPL 0, which PVM "
+            "emulates, too few to show; the container does not use KVM at all."
         )
     if report is not None:
         figures["plots"] = write_plots(figures, report)
