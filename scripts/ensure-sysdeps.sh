@@ -15,6 +15,8 @@ declare -A need=(
     [dpkg-deb]=dpkg
     [apt-get]=apt
     [iasl]=acpica-tools  # tests disassemble the runner's ACPI tables with it
+    [lxc-create]=lxc
+    [ip]=iproute2
 )
 missing=()
 for thing in "${!need[@]}"; do
@@ -39,7 +41,7 @@ cmd="apt-get update && apt-get install -y ${missing[*]}"
 if [[ $(id -u) -ne 0 ]]; then
     echo "kvmkit: missing system packages: ${missing[*]}" >&2
     echo "kvmkit: run as root:  $cmd" >&2
-    echo "kvmkit: (Fedora: dnf install gcc make qemu-system-x86 qemu-img cpio busybox python3-devel)" >&2
+    echo "kvmkit: (Fedora: dnf install gcc make qemu-system-x86 qemu-img cpio busybox python3-devel lxc iproute)" >&2
     exit 1
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -159,6 +159,17 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         except Exception as exc:
             failed("linux", exc)
 
+    # 5 ------------------------------------------------------------------------------
+    from kvmkit.demos import containers
+
+    p.step(5, "VMs and containers", containers.EXPLANATION)
+    try:
+        figures["containers"] = containers.containers_step(
+            p.say, p.task, report=options.report, quick=options.quick
+        )
+    except Exception as exc:
+        failed("containers", exc)
+
     if options.report is not None:
         from kvmkit.demos.report import write_report
 
