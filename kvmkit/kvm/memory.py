@@ -43,6 +43,25 @@ def hugepages_available() -> bool:
     return False
 
 
+def _map_private(path: Path, size: int) -> mmap.mmap:
+    """``size`` bytes of ``path`` mapped ``MAP_PRIVATE``: pages fault in from the file as
+    the guest touches them, writes go to private copies and never reach the file.
+
+    The file is opened read-only and must hold at least ``size`` bytes (a shorter file
+    would turn a guest access past its end into SIGBUS); it is never extended."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MemoryLayoutError(f"cannot open memory file {path}: {exc.strerror}") from exc
+    try:
+        have = os.fstat(fd).st_size
+        if have < size:
+            raise MemoryLayoutError(f"memory file {path} has {have} bytes; the region needs {size}")
+        return mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
 class GuestMemory:
     """One contiguous range of guest-physical memory backed by a host mapping.
 
@@ -61,6 +80,7 @@ class GuestMemory:
         log_dirty: bool = False,
         backing: str | os.PathLike[str] | None = None,
         hugepages: bool = False,
+        private: bool = False,
     ) -> None:
         self.guest_phys = GuestAddress(guest_phys)
         self.size = size
@@ -69,7 +89,13 @@ class GuestMemory:
         self.log_dirty = log_dirty
         self.backing = Path(backing) if backing is not None else None
         self.hugepages = hugepages
-        self._map = self._make_mapping(size, self.backing, hugepages)
+        self.private = private
+        if private:
+            if self.backing is None:
+                raise MemoryLayoutError("private=True maps a backing file; name one")
+            self._map = _map_private(self.backing, size)
+        else:
+            self._map = self._make_mapping(size, self.backing, hugepages)
         ptr = ffi.from_buffer(self._map)
         self.host_address: int = int(ffi.cast("uintptr_t", ptr))
         ffi.release(ptr)
