@@ -312,6 +312,20 @@ class Vcpu(FdObject):
             rest = rest[got + 1 :]
         return out
 
+    def complete_pending_io(self) -> None:
+        """``KVM_RUN`` with ``immediate_exit`` set: KVM finishes an ``in``/MMIO read whose
+        reply user space already wrote into ``kvm_run`` (or an ``out`` it still holds),
+        then returns without entering the guest.  Without this, state saved after an
+        I/O exit would lose the rest of that instruction (Firecracker does the same)."""
+        run = self._run_ptr
+        run.immediate_exit = 1
+        try:
+            rc = _kvm_run(self.fd)
+        finally:
+            run.immediate_exit = 0
+        if rc < 0 and -rc not in (errno.EINTR, errno.EAGAIN):
+            raise KvmIoctlError("KVM_RUN", -rc, self._describe())
+
     def save_state(self, msr_indices: list[int] | None = None) -> VcpuState:
         """Read this vCPU's complete state (order in :mod:`kvmkit.kvm.state`).
 
@@ -320,6 +334,7 @@ class Vcpu(FdObject):
         a consistent VM, that no vCPU of the VM runs).
         """
         kvm = self.vm.kvm
+        self.complete_pending_io()
         mp_state = self.get_mp_state()
         regs = self.get_regs()
         if self.vm.check_extension(Cap.SREGS2):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from kvmkit.kvm import IoOut, Kvm, Vm
+from kvmkit.kvm import IoIn, IoOut, Kvm, Vm
 from kvmkit.kvm.modes import setup_long_mode
 from kvmkit.kvm.state import StateError, VcpuState, VmState
 
@@ -147,3 +147,27 @@ def test_state_that_does_not_fit_this_host_is_refused_before_any_write(vm: Vm) -
     state.lapic = bytes(1024)
     with pytest.raises(StateError, match="irqchip"):
         cpu.restore_state(state)
+
+
+def test_state_saved_right_after_an_in_exit_keeps_the_answer(kvm: Kvm) -> None:
+    """The reply to an ``in`` is completed by KVM on the next KVM_RUN: save_state must
+    finish it first, or the restored guest would never see the value."""
+    # mov dx, 0x1234; in eax, dx; out 0xe9, eax; jmp .
+    code = bytes.fromhex("66ba3412ede7e9ebfe")
+    with kvm.create_vm() as src:
+        src.add_memory(0, MEM)
+        src.write(CODE_AT, code)
+        cpu = src.create_vcpu(0)
+        setup_long_mode(cpu, entry=CODE_AT, stack=STACK, cpl=3)
+        exit_ = cpu.run()
+        assert isinstance(exit_, IoIn) and exit_.port == 0x1234
+        exit_.reply(0xC0FFEE42)
+        state = cpu.save_state()
+        memory = src.read(0, MEM)
+    with kvm.create_vm() as dst:
+        dst.add_memory(0, MEM)
+        dst.write(0, memory)
+        dst.create_vcpu(0).restore_state(state)
+        assert _outputs(dst, 1) == [
+            IoOut(port=0xE9, size=4, data=(0xC0FFEE42).to_bytes(4, "little"))
+        ]
