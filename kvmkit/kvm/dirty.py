@@ -49,11 +49,10 @@ def iter_dirty_runs(bitmap: bytes | bytearray | memoryview) -> Iterator[tuple[in
     if len(raw) % 8:
         raw += bytes(8 - len(raw) % 8)
     words = memoryview(raw).cast("Q")
-    view = memoryview(raw)
     pending_first, pending_len = -1, 0
     chunk = _SKIP_BYTES
     for base in range(0, len(raw), chunk):
-        if view[base : base + chunk] == _ZERO_CHUNK[: min(chunk, len(raw) - base)]:
+        if raw[base : base + chunk] == _ZERO_CHUNK[: min(chunk, len(raw) - base)]:
             continue
         for w in range(base // 8, min(base + chunk, len(raw)) // 8):
             value = words[w]

@@ -54,8 +54,9 @@ def receive_vm(
 ) -> IncomingStats:
     """Receive a migration on ``sock``.
 
-    ``prepare(layout)`` returns the VM to fill (with that memory layout; e.g. a fresh VM
-    passed through :func:`add_layout_memory`).  After the end record's checksum matched,
+    ``prepare(layout)`` returns the VM to fill, with that memory layout and every byte of
+    it zero (fresh anonymous memory, e.g. a new VM through :func:`add_layout_memory`):
+    ZERO runs over pages this stream has not written are skipped without touching them.  After the end record's checksum matched,
     ``apply_state(vm, state_bytes)`` restores vCPUs and devices; then the source is told
     to stop (``ok``).  Any failure tells the source to resume (with the reason) and
     raises :class:`MigrationError`: the caller must discard the VM, never run it.
@@ -65,6 +66,7 @@ def receive_vm(
     start = time.perf_counter()
     vm: Vm | None = None
     state: bytes | None = None
+    written: _Written | None = None
     try:
         while True:
             try:
@@ -80,13 +82,16 @@ def receive_vm(
                 if isinstance(ev, Hello):
                     vm = prepare(ev.layout)
                     check_layout(vm, ev.layout)
+                    written = _Written(ev.layout)
                     continue
-                assert vm is not None
+                assert vm is not None and written is not None
                 if isinstance(ev, Pages):
                     vm.write(ev.gpa, ev.data)
+                    written.mark(ev.gpa, len(ev.data) // PAGE_SIZE)
                     stats.pages += len(ev.data) // PAGE_SIZE
                 elif isinstance(ev, ZeroPages):
-                    _zero(vm, ev.gpa, ev.count * PAGE_SIZE)
+                    if written.any(ev.gpa, ev.count):
+                        _zero(vm, ev.gpa, ev.count * PAGE_SIZE)
                     stats.zero_pages += ev.count
                 elif isinstance(ev, RoundEnd):
                     stats.rounds.append(ev.pages)
@@ -112,16 +117,35 @@ def receive_vm(
     return stats
 
 
+class _Written:
+    """Which pages the stream has written so far (one byte per page, per region)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self._maps = [(g, bytearray(size // PAGE_SIZE)) for g, size in layout.regions]
+
+    def _find(self, gpa: int) -> tuple[bytearray, int]:
+        for base, flags in self._maps:
+            if base <= gpa < base + len(flags) * PAGE_SIZE:
+                return flags, (gpa - base) // PAGE_SIZE
+        raise ProtocolError(f"page {gpa:#x} is outside guest memory")  # Decoder checked
+
+    def mark(self, gpa: int, count: int) -> None:
+        flags, first = self._find(gpa)
+        flags[first : first + count] = b"\x01" * count
+
+    def any(self, gpa: int, count: int) -> bool:
+        flags, first = self._find(gpa)
+        return flags.find(1, first, first + count) >= 0
+
+
 def _zero(vm: Vm, gpa: int, length: int) -> None:
-    """Zero guest memory, skipping what already reads as zero (untouched anonymous
-    memory stays unpopulated)."""
+    """Zero ``length`` bytes of guest memory at ``gpa``."""
     region = vm.region_for(gpa, length)
     with region.memoryview() as view:
         base = gpa - int(region.guest_phys)
         for off in range(base, base + length, len(_ZERO)):
             end = min(off + len(_ZERO), base + length)
-            if view[off:end] != _ZERO[: end - off]:
-                view[off:end] = _ZERO[: end - off]
+            view[off:end] = _ZERO[: end - off]
 
 
 def _reply(sock: socket.socket, ok: bool, error: str = "") -> None:

@@ -55,13 +55,13 @@ def _write_memory(dest: Path, region: MemorySource) -> str:
     sha = hashlib.sha256()
     with region.memoryview() as view, open(dest, "wb") as f:
         for off in range(0, region.size, _CHUNK):
-            part = view[off : off + _CHUNK]
+            # a bytes copy: memoryview == bytes compares item by item, bytes uses memcmp
+            part = view[off : off + _CHUNK].tobytes()
             sha.update(part)
             if part == _ZERO[: len(part)]:
                 f.seek(len(part), os.SEEK_CUR)
             else:
                 f.write(part)
-            part.release()
         f.truncate(region.size)
         f.flush()
         os.fsync(f.fileno())
