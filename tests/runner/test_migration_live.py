@@ -176,3 +176,41 @@ def test_destination_gone_leaves_a_source_that_resumes(kvm: Kvm) -> None:
 def test_connect_to_nobody_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MigrationError, match="cannot connect"):
         connect(f"unix:{tmp_path / 'nobody.sock'}", timeout=2)
+
+
+def test_runs_across_adjacent_regions_are_split(kvm: Kvm) -> None:
+    """A dirty run that crosses from one region into the next adjacent one is sent as
+    two records and lands in both regions."""
+    from kvmkit.runner.migration.sender import _runs
+
+    with kvm.create_vm() as src, kvm.create_vm() as dst:
+        src.add_memory(0, 0x10000, log_dirty=True)
+        src.add_memory(0x10000, 0x10000, log_dirty=True)
+        src.create_vcpu(0)
+        src.write(0xF000, b"\x11" * 0x1000)  # last page of one region,
+        src.write(0x10000, b"\x11" * 0x1000)  # first page of the next
+        assert _runs([0xF000, 0x10000]) == [(0xF000, 2)]
+
+        class Fixed:
+            def start(self) -> None:
+                pass
+
+            def collect(self) -> list[tuple[int, int]]:
+                return [(0xF000, 2)]
+
+        a, b = socket.socketpair()
+        with a, b:
+            a.settimeout(30)
+            b.settimeout(30)
+            got: dict[str, object] = {}
+            t = threading.Thread(
+                target=lambda: got.setdefault(
+                    "r",
+                    receive_vm(b, lambda lay: add_layout_memory(dst, lay), lambda vm, s: None),
+                )
+            )
+            t.start()
+            stats = send_vm(a, src, Fixed(), pause=lambda: None, state=lambda: b"{}", max_rounds=1)
+            t.join(60)
+        assert stats.rounds[-1] == 2
+        assert dst.read(0xF000, 0x1000) + dst.read(0x10000, 0x1000) == b"\x11" * 0x2000

@@ -219,11 +219,27 @@ def test_different_vcpu_count_is_refused(kvm: Kvm, snap: Path) -> None:
 def test_existing_target_is_not_overwritten_unless_asked(kvm: Kvm, snap: Path) -> None:
     s = Snapshot.open(snap)
     m = s.manifest
-    with pytest.raises(SnapshotError, match="already exists"):
-        write_snapshot(snap, vcpus=m.vcpus, vm=m.vm, memory=[])
+    with kvm.create_vm() as vm, pytest.raises(SnapshotError, match="already exists"):
+        write_snapshot(snap, vcpus=m.vcpus, vm=m.vm, memory=[vm.add_memory(0, 4096)])
     assert Snapshot.open(snap).manifest.vcpu_count == 1
 
 
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="not a snapshot"):
         Snapshot.open(tmp_path / "nope")
+
+
+def test_private_mapping_refuses_a_short_file(kvm: Kvm, tmp_path: Path) -> None:
+    from kvmkit.kvm import MemoryLayoutError
+
+    f = tmp_path / "mem.bin"
+    f.write_bytes(bytes(8192))
+    with kvm.create_vm() as vm, pytest.raises(MemoryLayoutError, match="needs 16384"):
+        vm.add_memory(0, 16384, backing=f, private=True)
+    assert f.stat().st_size == 8192  # never extended
+
+
+def test_empty_snapshot_is_refused(kvm: Kvm, snap: Path, tmp_path: Path) -> None:
+    m = Snapshot.open(snap).manifest
+    with pytest.raises(SnapshotError, match="needs guest memory"):
+        write_snapshot(tmp_path / "empty", vcpus=m.vcpus, vm=m.vm, memory=[])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvmkit import __version__
+from kvmkit.errors import KvmError
 from kvmkit.kvm.dirty import iter_dirty_runs
 from kvmkit.kvm.vm import Vm
 from kvmkit.runner.migration.errors import MigrationError, TransportError
@@ -162,9 +163,40 @@ def send_vm(
     return once none is in ``KVM_RUN``), after which ``state()`` returns the STATE payload
     (:class:`~kvmkit.runner.migration.vmstate.MigratedState` bytes).  ``progress(round,
     pages)`` is called after each round.  Returns when the destination has acknowledged;
-    raises :class:`MigrationError` otherwise — the guest is then still paused and the
-    caller resumes it.
+    raises :class:`MigrationError` otherwise (a KVM failure included) — the guest may
+    then be paused, and the caller resumes it.
     """
+    if downtime_ms < 0 or max_rounds < 1:
+        raise MigrationError(f"downtime {downtime_ms} ms / {max_rounds} rounds: give >= 0 and >= 1")
+    if not vm.vcpus or not vm.regions:
+        raise MigrationError("the VM has no vCPUs or no memory to migrate")
+    try:
+        return _send_vm(
+            sock,
+            vm,
+            source,
+            pause=pause,
+            state=state,
+            downtime_ms=downtime_ms,
+            max_rounds=max_rounds,
+            progress=progress,
+        )
+    except KvmError as exc:
+        raise MigrationError(f"migration failed on the source: {exc}") from exc
+
+
+def _send_vm(
+    sock: socket.socket,
+    vm: Vm,
+    source: DirtySource,
+    *,
+    pause: Callable[[], None],
+    state: Callable[[], bytes],
+    downtime_ms: float = 50.0,
+    max_rounds: int = 30,
+    progress: Callable[[int, int], None] | None = None,
+) -> MigrationStats:
+    """:func:`send_vm` without the error mapping."""
     stats = MigrationStats()
     enc = Encoder()
     out = _Out(sock)
@@ -177,17 +209,21 @@ def send_vm(
     def send_runs(runs: list[tuple[int, int]]) -> int:
         sent = 0
         for gpa, count in runs:
-            region = vm.region_for(gpa, count * PAGE_SIZE)
-            with region.memoryview() as view:
-                base = gpa - int(region.guest_phys)
-                for i in range(0, count, MAX_RUN_PAGES):
-                    n = min(MAX_RUN_PAGES, count - i)
-                    off = base + i * PAGE_SIZE
-                    parts = enc.pages(gpa + i * PAGE_SIZE, view[off : off + n * PAGE_SIZE])
-                    if len(parts) == 1:
-                        stats.zero_pages += n
-                    out.write(parts)
-                    sent += n
+            while count:  # a run may cross from one region into an adjacent one
+                region = vm.region_for(gpa)
+                here = min(count, (int(region.end) - gpa) // PAGE_SIZE)
+                with region.memoryview() as view:
+                    base = gpa - int(region.guest_phys)
+                    for i in range(0, here, MAX_RUN_PAGES):
+                        n = min(MAX_RUN_PAGES, here - i)
+                        off = base + i * PAGE_SIZE
+                        parts = enc.pages(gpa + i * PAGE_SIZE, view[off : off + n * PAGE_SIZE])
+                        if len(parts) == 1:
+                            stats.zero_pages += n
+                        out.write(parts)
+                sent += here
+                gpa += here * PAGE_SIZE
+                count -= here
         return sent
 
     def finish_round(pages: int) -> None:

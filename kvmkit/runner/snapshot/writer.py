@@ -93,6 +93,8 @@ def write_snapshot(
     own JSON-able settings.  An existing ``path`` is an error unless ``overwrite``.
     """
     target = Path(path)
+    if not memory or not vcpus:
+        raise SnapshotError("a snapshot needs guest memory and at least one vCPU")
     if target.exists() and not overwrite:
         raise SnapshotError(f"{target} already exists", hint="pick a new path or overwrite")
     parent = target.parent if str(target.parent) else Path(".")
