@@ -10,9 +10,10 @@ sent, and the source waits for the destination's verdict.  A failure raises
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -170,17 +171,14 @@ def send_vm(
         raise MigrationError(f"downtime {downtime_ms} ms / {max_rounds} rounds: give >= 0 and >= 1")
     if not vm.vcpus or not vm.regions:
         raise MigrationError("the VM has no vCPUs or no memory to migrate")
+    with _kvm_errors_as_migration_errors():
+        return _send_vm(sock, vm, source, pause, state, downtime_ms, max_rounds, progress)
+
+
+@contextlib.contextmanager
+def _kvm_errors_as_migration_errors() -> Iterator[None]:
     try:
-        return _send_vm(
-            sock,
-            vm,
-            source,
-            pause=pause,
-            state=state,
-            downtime_ms=downtime_ms,
-            max_rounds=max_rounds,
-            progress=progress,
-        )
+        yield
     except KvmError as exc:
         raise MigrationError(f"migration failed on the source: {exc}") from exc
 
@@ -189,14 +187,13 @@ def _send_vm(
     sock: socket.socket,
     vm: Vm,
     source: DirtySource,
-    *,
     pause: Callable[[], None],
     state: Callable[[], bytes],
-    downtime_ms: float = 50.0,
-    max_rounds: int = 30,
-    progress: Callable[[int, int], None] | None = None,
+    downtime_ms: float,
+    max_rounds: int,
+    progress: Callable[[int, int], None] | None,
 ) -> MigrationStats:
-    """:func:`send_vm` without the error mapping."""
+    """The body of :func:`send_vm` (arguments already checked)."""
     stats = MigrationStats()
     enc = Encoder()
     out = _Out(sock)
