@@ -141,6 +141,78 @@ struct kvm_guest_debug {
     ...;
 };
 
+/* ---- complete vCPU and VM state (snapshot/migration) ---- */
+struct kvm_sregs2 {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8;
+    __u64 efer;
+    __u64 apic_base;
+    __u64 flags;
+    __u64 pdptrs[4];
+    ...;
+};
+
+struct kvm_xsave {
+    __u32 region[1024];
+    ...;
+};
+
+struct kvm_xcr {
+    __u32 xcr;
+    __u32 reserved;
+    __u64 value;
+    ...;
+};
+
+struct kvm_xcrs {
+    __u32 nr_xcrs;
+    __u32 flags;
+    struct kvm_xcr xcrs[16];
+    ...;
+};
+
+struct kvm_debugregs {
+    __u64 db[4];
+    __u64 dr6;
+    __u64 dr7;
+    __u64 flags;
+    ...;
+};
+
+struct kvm_irqchip {
+    __u32 chip_id;
+    ...;
+};
+
+struct kvm_pit_state2 {
+    __u32 flags;
+    ...;
+};
+
+struct kvm_enable_cap {
+    __u32 cap;
+    __u32 flags;
+    __u64 args[4];
+    ...;
+};
+
+struct kvm_clear_dirty_log {
+    __u32 slot;
+    __u32 num_pages;
+    __u64 first_page;
+    void *dirty_bitmap;
+    ...;
+};
+
+struct kvm_dirty_gfn {
+    __u32 flags;
+    __u32 slot;
+    __u64 offset;
+    ...;
+};
+
 /* ---- the shared kvm_run page and its exit union ---- */
 typedef struct { __u64 hardware_exit_reason; ...; } kvmkit_run_hw;
 typedef struct { __u64 hardware_entry_failure_reason; __u32 cpu; ...; } kvmkit_run_fail_entry;
@@ -309,6 +381,15 @@ struct kvm_clock_data {
 #define KVM_EXIT_NMI ...
 #define KVM_EXIT_INTERNAL_ERROR ...
 #define KVM_EXIT_SYSTEM_EVENT ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
+#define KVM_IRQCHIP_IOAPIC ...
+#define KVM_DIRTY_LOG_PAGE_OFFSET ...
+#define KVM_DIRTY_GFN_F_DIRTY ...
+#define KVM_DIRTY_GFN_F_RESET ...
+#define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE ...
+#define KVM_DIRTY_LOG_INITIALLY_SET ...
+#define KVM_EXIT_DIRTY_RING_FULL ...
 
 /* ioctl request numbers as the header computes them; kvmkit computes its own with
    ioctl-opt and the tests compare the two. */
@@ -350,6 +431,25 @@ struct kvm_clock_data {
 #define KVM_SET_VCPU_EVENTS ...
 #define KVM_GET_MP_STATE ...
 #define KVM_SET_MP_STATE ...
+#define KVM_GET_SREGS2 ...
+#define KVM_SET_SREGS2 ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
+#define KVM_GET_XSAVE2 ...
+#define KVM_GET_XCRS ...
+#define KVM_SET_XCRS ...
+#define KVM_GET_DEBUGREGS ...
+#define KVM_SET_DEBUGREGS ...
+#define KVM_GET_TSC_KHZ ...
+#define KVM_SET_TSC_KHZ ...
+#define KVM_KVMCLOCK_CTRL ...
+#define KVM_GET_IRQCHIP ...
+#define KVM_SET_IRQCHIP ...
+#define KVM_GET_PIT2 ...
+#define KVM_SET_PIT2 ...
+#define KVM_ENABLE_CAP ...
+#define KVM_CLEAR_DIRTY_LOG ...
+#define KVM_RESET_DIRTY_RINGS ...
 
 /* ---- libc ---- */
 int ioctl(int fd, unsigned long request, ...);

@@ -44,6 +44,10 @@ class Cap(enum.IntEnum):
     DIRTY_LOG_RING = 192
     SET_GUEST_DEBUG2 = 195
     DIRTY_LOG_RING_ACQ_REL = 223
+    PIT_STATE2 = 35
+    KVMCLOCK_CTRL = 76
+    SREGS2 = 200
+    XSAVE2 = 208
 
 
 #: The capabilities ``kvmkit info`` reports, in order, with what each means for the runner.

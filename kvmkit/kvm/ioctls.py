@@ -73,6 +73,27 @@ KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
 KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
 
+# complete vCPU and VM state, dirty tracking (snapshot and migration)
+KVM_GET_IRQCHIP = _iowr(0x62, "struct kvm_irqchip")
+KVM_SET_IRQCHIP = _ior(0x63, "struct kvm_irqchip")  # sic: the kernel declares it _IOR
+KVM_GET_PIT2 = _ior(0x9F, "struct kvm_pit_state2")
+KVM_SET_PIT2 = _iow(0xA0, "struct kvm_pit_state2")
+KVM_ENABLE_CAP = _iow(0xA3, "struct kvm_enable_cap")
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, "struct kvm_clear_dirty_log")
+KVM_RESET_DIRTY_RINGS = _io(0xC7)
+KVM_GET_DEBUGREGS = _ior(0xA1, "struct kvm_debugregs")
+KVM_SET_DEBUGREGS = _iow(0xA2, "struct kvm_debugregs")
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, "struct kvm_xsave")
+KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
+KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
+KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
+KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_GET_SREGS2 = _ior(0xCC, "struct kvm_sregs2")
+KVM_SET_SREGS2 = _iow(0xCD, "struct kvm_sregs2")
+KVM_GET_XSAVE2 = _ior(0xCF, "struct kvm_xsave")
+
 #: Every request number above, by its C name (used for error messages and the ABI test).
 ALL: dict[str, int] = {
     k: v for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int)

@@ -70,6 +70,25 @@ def _mount_type(path: Path) -> str:
         return ""
 
 
+def _map_private(path: Path, size: int) -> mmap.mmap:
+    """``size`` bytes of ``path`` mapped ``MAP_PRIVATE``: pages fault in from the file as
+    the guest touches them, writes go to private copies and never reach the file.
+
+    The file is opened read-only and must hold at least ``size`` bytes (a shorter file
+    would turn a guest access past its end into SIGBUS); it is never extended."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MemoryLayoutError(f"cannot open memory file {path}: {exc.strerror}") from exc
+    try:
+        have = os.fstat(fd).st_size
+        if have < size:
+            raise MemoryLayoutError(f"memory file {path} has {have} bytes; the region needs {size}")
+        return mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
 class GuestMemory:
     """One contiguous range of guest-physical memory backed by a host mapping.
 
@@ -96,6 +115,7 @@ class GuestMemory:
         backing: str | os.PathLike[str] | None = None,
         hugepages: bool = False,
         thp: bool = True,
+        private: bool = False,
     ) -> None:
         self.guest_phys = GuestAddress(guest_phys)
         self.size = size
@@ -104,9 +124,15 @@ class GuestMemory:
         self.log_dirty = log_dirty
         self.backing = Path(backing) if backing is not None else None
         self.hugepages = hugepages
-        #: "thp" (anonymous, MADV_HUGEPAGE), "hugetlbfs", "file" or "anonymous".
+        self.private = private
+        #: "thp" (anonymous, MADV_HUGEPAGE), "hugetlbfs", "file", "anonymous" or "private-file".
         self.backed_by: str
-        self._map, self.backed_by = self._make_mapping(size, self.backing, hugepages, thp)
+        if private:
+            if self.backing is None:
+                raise MemoryLayoutError("private=True maps a backing file; name one")
+            self._map, self.backed_by = _map_private(self.backing, size), "private-file"
+        else:
+            self._map, self.backed_by = self._make_mapping(size, self.backing, hugepages, thp)
         ptr = ffi.from_buffer(self._map)
         self.host_address: int = int(ffi.cast("uintptr_t", ptr))
         ffi.release(ptr)

@@ -14,7 +14,15 @@ from kvmkit._ffi import ffi, lib
 from kvmkit.errors import KvmError, KvmIoctlError
 from kvmkit.kvm import exits, ioctls
 from kvmkit.kvm._fdobject import FdObject
+from kvmkit.kvm.caps import Cap
 from kvmkit.kvm.cpuid import CpuidEntry
+from kvmkit.kvm.dirty import DirtyRing
+from kvmkit.kvm.state import (
+    DEFERRED_MSRS,
+    StateError,
+    VcpuState,
+    check_blob,
+)
 
 if TYPE_CHECKING:
     from kvmkit.kvm.vm import Vm
@@ -106,6 +114,9 @@ class Vcpu(FdObject):
         return self._run_map
 
     def _release(self) -> None:
+        ring = getattr(self, "_dirty_ring", None)
+        if ring is not None:
+            ring.close()
         ffi.release(self._run_ptr)
         self._run_map.close()
 
@@ -213,6 +224,247 @@ class Vcpu(FdObject):
             control = lib.KVM_GUESTDBG_ENABLE | (lib.KVM_GUESTDBG_SINGLESTEP if single_step else 0)
         c = ffi.new("struct kvm_guest_debug *", {"control": control})
         self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, c)
+
+    # ---- complete state (snapshot, restore, migration) ------------------------------
+    # Every call here must be made while this vCPU is not in KVM_RUN (kvmkit.kvm.state
+    # has the order and why).
+
+    def get_sregs2(self) -> Any:
+        """``KVM_GET_SREGS2`` (``KVM_CAP_SREGS2``): sregs with the PAE PDPTRs."""
+        c = ffi.new("struct kvm_sregs2 *")
+        self._ioctl(ioctls.KVM_GET_SREGS2, c)
+        return c
+
+    def set_sregs2(self, sregs2: Any) -> None:
+        self._ioctl(ioctls.KVM_SET_SREGS2, sregs2)
+
+    def xsave_size(self) -> int:
+        """Bytes of ``struct kvm_xsave`` KVM reads and writes (``KVM_CAP_XSAVE2``'s
+        value where offered, else 4096); 0 without ``KVM_CAP_XSAVE``."""
+        vm = self.vm
+        if not vm.kvm.check_extension(Cap.XSAVE):
+            return 0
+        return max(vm.check_extension(Cap.XSAVE2), ffi.sizeof("struct kvm_xsave"))
+
+    def get_xsave(self) -> bytes:
+        """``KVM_GET_XSAVE2`` (``KVM_GET_XSAVE`` without ``KVM_CAP_XSAVE2``): the
+        XSAVE area, :meth:`xsave_size` bytes."""
+        size = self.xsave_size()
+        buf = ffi.new("char[]", size)
+        request = (
+            ioctls.KVM_GET_XSAVE2 if self.vm.check_extension(Cap.XSAVE2) else ioctls.KVM_GET_XSAVE
+        )
+        self._ioctl(request, ffi.cast("struct kvm_xsave *", buf))
+        return bytes(ffi.buffer(buf, size))
+
+    def set_xsave(self, area: bytes) -> None:
+        check_blob("XSAVE area", area, self.xsave_size())
+        buf = ffi.new("char[]", area)
+        self._ioctl(ioctls.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf))
+
+    def get_xcrs(self) -> Any:
+        c = ffi.new("struct kvm_xcrs *")
+        self._ioctl(ioctls.KVM_GET_XCRS, c)
+        return c
+
+    def set_xcrs(self, xcrs: Any) -> None:
+        self._ioctl(ioctls.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self) -> Any:
+        c = ffi.new("struct kvm_debugregs *")
+        self._ioctl(ioctls.KVM_GET_DEBUGREGS, c)
+        return c
+
+    def set_debugregs(self, regs: Any) -> None:
+        self._ioctl(ioctls.KVM_SET_DEBUGREGS, regs)
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ``: the guest TSC frequency."""
+        return self._ioctl(ioctls.KVM_GET_TSC_KHZ)
+
+    def kvmclock_ctrl(self) -> bool:
+        """``KVM_KVMCLOCK_CTRL``: tell a kvmclock guest it was paused (no soft-lockup
+        warning).  False when the guest has not enabled kvmclock (EINVAL)."""
+        try:
+            self._ioctl(ioctls.KVM_KVMCLOCK_CTRL)
+        except KvmIoctlError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+    def readable_msrs(self, indices: list[int]) -> list[int]:
+        """The MSRs of ``indices`` that ``KVM_GET_MSRS`` can read on this vCPU, in order.
+
+        ``KVM_GET_MSR_INDEX_LIST`` names MSRs that exist on the host; some of them this
+        guest's CPUID does not have.  ``KVM_GET_MSRS`` stops at the first it cannot read
+        and returns how many it read: drop that one and go on, as QEMU only asks for the
+        MSRs its probe found readable."""
+        out: list[int] = []
+        rest = list(indices)
+        while rest:
+            n = len(rest)
+            c = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+            for i, index in enumerate(rest):
+                c.entries[i].index = index
+            got = self._ioctl(ioctls.KVM_GET_MSRS, c)
+            out.extend(rest[:got])
+            rest = rest[got + 1 :]
+        return out
+
+    def complete_pending_io(self) -> None:
+        """``KVM_RUN`` with ``immediate_exit`` set: KVM finishes an ``in``/MMIO read whose
+        reply user space already wrote into ``kvm_run`` (or an ``out`` it still holds),
+        then returns without entering the guest.  Without this, state saved after an
+        I/O exit would lose the rest of that instruction (Firecracker does the same)."""
+        run = self._run_ptr
+        run.immediate_exit = 1
+        try:
+            rc = _kvm_run(self.fd)
+        finally:
+            run.immediate_exit = 0
+        if rc < 0 and -rc not in (errno.EINTR, errno.EAGAIN):
+            raise KvmIoctlError("KVM_RUN", -rc, self._describe())
+
+    def save_state(self, msr_indices: list[int] | None = None) -> VcpuState:
+        """Read this vCPU's complete state (order in :mod:`kvmkit.kvm.state`).
+
+        ``msr_indices`` defaults to ``KVM_GET_MSR_INDEX_LIST`` filtered by
+        :meth:`readable_msrs`.  The caller guarantees no thread runs this vCPU (and, for
+        a consistent VM, that no vCPU of the VM runs).
+        """
+        kvm = self.vm.kvm
+        self.complete_pending_io()
+        mp_state = self.get_mp_state()
+        regs = self.get_regs()
+        if self.vm.check_extension(Cap.SREGS2):
+            kind, sregs = "sregs2", self.get_sregs2()
+        else:
+            kind, sregs = "sregs", self.get_sregs()
+        xsave = self.get_xsave() if self.xsave_size() else b""
+        fpu = b"" if xsave else bytes(ffi.buffer(self.get_fpu()))
+        xcrs = bytes(ffi.buffer(self.get_xcrs())) if kvm.check_extension(Cap.XCRS) else b""
+        dregs = bytes(ffi.buffer(self.get_debugregs()))
+        lapic = self.get_lapic() if self.vm.has_irqchip else None
+        tsc_khz = self.get_tsc_khz() if kvm.check_extension(Cap.GET_TSC_KHZ) else None
+        if msr_indices is None:
+            msr_indices = self.readable_msrs(kvm.msr_index_list())
+        order = [i for i in msr_indices if i not in DEFERRED_MSRS]
+        order += [i for i in msr_indices if i in DEFERRED_MSRS]
+        msrs = self.get_msrs(order) if order else {}
+        events = bytes(ffi.buffer(self.get_vcpu_events()))
+        return VcpuState(
+            index=self.index,
+            mp_state=mp_state,
+            regs={n: getattr(regs, n) for n in _REG_NAMES},
+            sregs_kind=kind,
+            sregs=bytes(ffi.buffer(sregs)),
+            xsave=xsave,
+            fpu=fpu,
+            xcrs=xcrs,
+            debugregs=dregs,
+            events=events,
+            msrs=msrs,
+            lapic=lapic,
+            tsc_khz=tsc_khz,
+            cpuid=self.get_cpuid2(),
+        )
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Write ``state`` back (order in :mod:`kvmkit.kvm.state`).  Every blob is checked
+        against this host's structure size first (:class:`StateError`), so nothing is
+        written from a state that does not fit.  The VM state (irqchip, PIT, clock) must
+        be restored before the first vCPU's."""
+        kind = "struct kvm_sregs2" if state.sregs_kind == "sregs2" else "struct kvm_sregs"
+        check_blob(state.sregs_kind, state.sregs, ffi.sizeof(kind))
+        if state.xsave:
+            check_blob("XSAVE area", state.xsave, self.xsave_size())
+        else:
+            check_blob("FPU state", state.fpu, ffi.sizeof("struct kvm_fpu"))
+        if state.xcrs:
+            check_blob("XCRs", state.xcrs, ffi.sizeof("struct kvm_xcrs"))
+        check_blob("debug registers", state.debugregs, ffi.sizeof("struct kvm_debugregs"))
+        check_blob("vCPU events", state.events, ffi.sizeof("struct kvm_vcpu_events"))
+        if state.lapic is not None:
+            if not self.vm.has_irqchip:
+                raise StateError("the saved vCPU has a LAPIC; this VM has no in-kernel irqchip")
+            check_blob("LAPIC", state.lapic, ffi.sizeof("struct kvm_lapic_state"))
+        if state.sregs_kind == "sregs2" and not self.vm.check_extension(Cap.SREGS2):
+            raise StateError("the state holds sregs2 and this host has no KVM_CAP_SREGS2")
+
+        if state.cpuid:
+            self.set_cpuid2(state.cpuid)
+        self.set_mp_state(state.mp_state)
+        self.set_regs(Regs(**state.regs))
+        sregs = ffi.new(kind + " *")
+        ffi.memmove(sregs, state.sregs, len(state.sregs))
+        if state.sregs_kind == "sregs2":
+            self.set_sregs2(sregs)
+        else:
+            self.set_sregs(sregs)
+        if state.xsave:
+            self.set_xsave(state.xsave)
+        else:
+            fpu = ffi.new("struct kvm_fpu *")
+            ffi.memmove(fpu, state.fpu, len(state.fpu))
+            self.set_fpu(fpu)
+        if state.xcrs:
+            xcrs = ffi.new("struct kvm_xcrs *")
+            ffi.memmove(xcrs, state.xcrs, len(state.xcrs))
+            self.set_xcrs(xcrs)
+        dregs = ffi.new("struct kvm_debugregs *")
+        ffi.memmove(dregs, state.debugregs, len(state.debugregs))
+        self.set_debugregs(dregs)
+        if state.lapic is not None:
+            self.set_lapic(state.lapic)
+        if state.msrs:
+            self._restore_msrs(state.msrs)
+        events = ffi.new("struct kvm_vcpu_events *")
+        ffi.memmove(events, state.events, len(state.events))
+        self.set_vcpu_events(events)
+
+    def _restore_msrs(self, msrs: dict[int, int]) -> None:
+        """``KVM_SET_MSRS`` in order.  KVM stops at an MSR it refuses (some paravirtual
+        MSRs refuse even a host write of their reset value): such an MSR is accepted only
+        when it already holds the saved value here, else :class:`StateError`."""
+        items = list(msrs.items())
+        while items:
+            n = len(items)
+            c = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+            for i, (index, data) in enumerate(items):
+                c.entries[i].index = index
+                c.entries[i].data = data
+            done = self._ioctl(ioctls.KVM_SET_MSRS, c)
+            if done == n:
+                return
+            index, want = items[done]
+            try:
+                have = self.get_msrs([index])[index]
+            except KvmError:
+                have = None
+            if have != want:
+                raise StateError(
+                    f"KVM refuses MSR {index:#x} = {want:#x} on {self._describe()}",
+                    hint="the snapshot needs a guest CPU this host cannot give",
+                )
+            items = items[done + 1 :]
+
+    # ---- dirty ring (KVM_CAP_DIRTY_LOG_RING) -------------------------------------------
+    def dirty_ring(self) -> DirtyRing:
+        """This vCPU's dirty ring, mapped on first use.  The VM must have enabled the ring
+        (:meth:`Vm.enable_dirty_ring`) before this vCPU was created."""
+        self._check_open()
+        ring = getattr(self, "_dirty_ring", None)
+        if ring is None:
+            entries = self.vm.dirty_ring_entries
+            if not entries:
+                raise KvmError(
+                    f"{self._describe()} has no dirty ring",
+                    hint="call vm.enable_dirty_ring() before creating vCPUs",
+                )
+            ring = DirtyRing(self.fd, entries)
+            self._dirty_ring = ring
+        return ring
 
     # ---- running -----------------------------------------------------------------
     def run(self) -> exits.VcpuExit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Sequence
@@ -11,8 +12,10 @@ from kvmkit._ffi import ffi, lib
 from kvmkit.errors import KvmError, KvmIoctlError, MemoryLayoutError
 from kvmkit.kvm import ioctls
 from kvmkit.kvm._fdobject import FdObject
+from kvmkit.kvm.caps import Cap
 from kvmkit.kvm.irqroute import IrqchipRoute, Route
 from kvmkit.kvm.memory import PAGE_SIZE, GuestAddress, GuestMemory
+from kvmkit.kvm.state import IRQCHIP_IDS, StateError, VmState, check_blob
 
 if TYPE_CHECKING:
     from kvmkit.kvm.system import Kvm
@@ -112,11 +115,14 @@ class Vm(FdObject):
         log_dirty: bool = False,
         backing: str | os.PathLike[str] | None = None,
         hugepages: bool = False,
+        private: bool = False,
     ) -> GuestMemory:
         """Map ``size`` bytes of host memory at guest-physical ``guest_phys``.
 
         ``backing`` names a file to map (shared) instead of anonymous memory; ``hugepages``
         asks for 2 MiB pages (explicit ones when the host has them free, else transparent).
+        ``private`` (with ``backing``) maps the file copy-on-write (``MAP_PRIVATE``): lazy,
+        and the guest's writes never reach the file — restore from a snapshot.
         Raises :class:`MemoryLayoutError` for a zero, misaligned, oversized or
         overlapping region, or when every slot is taken.
         """
@@ -131,6 +137,7 @@ class Vm(FdObject):
                 log_dirty=log_dirty,
                 backing=backing,
                 hugepages=hugepages,
+                private=private,
             )
             try:
                 self._set_region(region, size)
@@ -323,3 +330,170 @@ class Vm(FdObject):
         for region in list(self._regions.values()):
             region.close()
         self._regions.clear()
+
+    # ---- complete state, dirty tracking (snapshot, restore, migration) ----------------
+    def check_extension(self, cap: Cap | int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd: the VM's own answer (``XSAVE2`` size,
+        dirty-ring size, ``SREGS2``); 0 when absent."""
+        return self._ioctl(ioctls.KVM_CHECK_EXTENSION, int(cap))
+
+    def enable_cap(self, cap: Cap | int, *args: int) -> None:
+        """``KVM_ENABLE_CAP`` on the VM with up to four arguments."""
+        if len(args) > 4:
+            raise KvmError(f"KVM_ENABLE_CAP takes at most 4 arguments, not {len(args)}")
+        c = ffi.new(
+            "struct kvm_enable_cap *", {"cap": int(cap), "args": list(args) + [0] * (4 - len(args))}
+        )
+        self._ioctl(ioctls.KVM_ENABLE_CAP, c)
+
+    #: Entries of each vCPU's dirty ring, 0 while the ring is off.
+    dirty_ring_entries: int = 0
+
+    def enable_dirty_ring(self, entries: int = 65536) -> int:
+        """Turn on the per-vCPU dirty ring with ``entries`` entries (a power of two),
+        using the acquire/release flavour where offered.  Must precede the first
+        ``create_vcpu``; afterwards ``KVM_GET_DIRTY_LOG`` is unavailable on this VM.
+        Returns ``entries``."""
+        if self._vcpus:
+            raise KvmError("the dirty ring must be enabled before any vCPU is created")
+        cap = Cap.DIRTY_LOG_RING_ACQ_REL
+        max_bytes = self.check_extension(cap)
+        if not max_bytes:
+            cap = Cap.DIRTY_LOG_RING
+            max_bytes = self.check_extension(cap)
+        if not max_bytes:
+            raise KvmError("this KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+        size = entries * ffi.sizeof("struct kvm_dirty_gfn")
+        if entries <= 0 or entries & (entries - 1) or size < PAGE_SIZE or size > max_bytes:
+            raise KvmError(
+                f"dirty ring of {entries} entries is not a power of two between "
+                f"{PAGE_SIZE // 16} and {max_bytes // 16}"
+            )
+        self.enable_cap(cap, size)
+        self.dirty_ring_entries = entries
+        return entries
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS``: re-protect every harvested ring entry; returns how
+        many were reset."""
+        return self._ioctl(ioctls.KVM_RESET_DIRTY_RINGS)
+
+    def enable_manual_dirty_log_protect(self, *, initially_set: bool = False) -> None:
+        """``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``: ``KVM_GET_DIRTY_LOG`` stops clearing
+        (and re-protecting) what it reports; :meth:`clear_dirty_log` does it for the
+        ranges the caller has copied.  With ``initially_set`` every page starts dirty."""
+        offered = self.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2)
+        flags = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            flags |= lib.KVM_DIRTY_LOG_INITIALLY_SET
+        if not offered or flags & ~offered:
+            raise KvmError(
+                f"this KVM offers manual dirty-log protect flags {offered:#x}, not {flags:#x}"
+            )
+        self.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, flags)
+        self.manual_dirty_protect = True
+
+    manual_dirty_protect: bool = False
+
+    def get_dirty_bitmap(self, region: GuestMemory) -> bytes:
+        """``KVM_GET_DIRTY_LOG`` as the raw bitmap: bit *n* (byte n//8, bit n%8) is page
+        *n* of the region; length is the page count rounded up to 64 bits, in bytes.
+        Decode with :func:`kvmkit.kvm.dirty.iter_dirty_runs`."""
+        if not region.log_dirty:
+            raise MemoryLayoutError(f"{region!r} was not added with log_dirty=True")
+        nbytes = ((region.size // PAGE_SIZE + 63) // 64) * 8
+        buf = ffi.new("char[]", nbytes)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": region.slot, "dirty_bitmap": buf})
+        self._ioctl(ioctls.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(buf, nbytes))
+
+    def clear_dirty_log(
+        self,
+        region: GuestMemory,
+        bitmap: bytes,
+        *,
+        first_page: int = 0,
+        num_pages: int | None = None,
+    ) -> None:
+        """``KVM_CLEAR_DIRTY_LOG`` (needs :meth:`enable_manual_dirty_log_protect`): clear
+        and re-protect the pages whose bit is set in ``bitmap``, which covers
+        ``num_pages`` pages from ``first_page`` (a multiple of 64)."""
+        pages = region.size // PAGE_SIZE
+        if num_pages is None:
+            num_pages = pages - first_page
+        if first_page % 64 or first_page < 0 or num_pages < 0 or first_page + num_pages > pages:
+            raise KvmError(
+                f"clear_dirty_log range {first_page}+{num_pages} is outside the region's "
+                f"{pages} pages or not 64-page aligned"
+            )
+        if len(bitmap) * 8 < num_pages:
+            raise KvmError(f"bitmap of {len(bitmap)} bytes covers fewer than {num_pages} pages")
+        buf = ffi.new("char[]", bytes(bitmap))
+        c = ffi.new(
+            "struct kvm_clear_dirty_log *",
+            {
+                "slot": region.slot,
+                "num_pages": num_pages,
+                "first_page": first_page,
+                "dirty_bitmap": buf,
+            },
+        )
+        self._ioctl(ioctls.KVM_CLEAR_DIRTY_LOG, c)
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """``KVM_GET_IRQCHIP``: the raw ``struct kvm_irqchip`` of chip ``chip_id``
+        (0 PIC master, 1 PIC slave, 2 IOAPIC)."""
+        c = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        self._ioctl(ioctls.KVM_GET_IRQCHIP, c)
+        return bytes(ffi.buffer(c))
+
+    def set_irqchip(self, raw: bytes) -> None:
+        check_blob("irqchip", raw, ffi.sizeof("struct kvm_irqchip"))
+        c = ffi.new("struct kvm_irqchip *")
+        ffi.memmove(c, raw, len(raw))
+        self._ioctl(ioctls.KVM_SET_IRQCHIP, c)
+
+    def get_pit2(self) -> bytes | None:
+        """``KVM_GET_PIT2``: the raw ``struct kvm_pit_state2``; None when the VM has no
+        in-kernel PIT."""
+        c = ffi.new("struct kvm_pit_state2 *")
+        try:
+            self._ioctl(ioctls.KVM_GET_PIT2, c)
+        except KvmIoctlError as exc:
+            if exc.errno in (errno.ENXIO, errno.EINVAL, errno.ENOENT):
+                return None
+            raise
+        return bytes(ffi.buffer(c))
+
+    def set_pit2(self, raw: bytes) -> None:
+        check_blob("PIT state", raw, ffi.sizeof("struct kvm_pit_state2"))
+        c = ffi.new("struct kvm_pit_state2 *")
+        ffi.memmove(c, raw, len(raw))
+        self._ioctl(ioctls.KVM_SET_PIT2, c)
+
+    def save_state(self) -> VmState:
+        """The VM-wide state: kvmclock, and the irqchip chips and PIT where they exist.
+        The caller guarantees no vCPU runs."""
+        data = ffi.new("struct kvm_clock_data *")
+        self._ioctl(ioctls.KVM_GET_CLOCK, data)
+        chips = {}
+        if self.has_irqchip:
+            chips = {name: self.get_irqchip(cid) for name, cid in IRQCHIP_IDS.items()}
+        return VmState(clock_ns=int(data.clock), clock_flags=0, irqchip=chips, pit2=self.get_pit2())
+
+    def restore_state(self, state: VmState) -> None:
+        """Write ``state`` back before restoring any vCPU (PIT, clock, then the chips, as
+        Firecracker does).  A state with chips or a PIT needs a VM that has them."""
+        if state.irqchip and not self.has_irqchip:
+            raise StateError("the saved VM has an in-kernel irqchip; create it before restoring")
+        for name, raw in state.irqchip.items():
+            check_blob(f"irqchip {name}", raw, ffi.sizeof("struct kvm_irqchip"))
+        if state.pit2 is not None:
+            check_blob("PIT state", state.pit2, ffi.sizeof("struct kvm_pit_state2"))
+            if self.get_pit2() is None:
+                raise StateError("the saved VM has an in-kernel PIT; create it before restoring")
+            self.set_pit2(state.pit2)
+        self.set_clock(state.clock_ns)
+        for name in IRQCHIP_IDS:
+            if name in state.irqchip:
+                self.set_irqchip(state.irqchip[name])

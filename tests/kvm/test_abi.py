@@ -69,13 +69,23 @@ STRUCT_FIELDS = {
     "struct kvm_irq_routing_msi": ["address_lo", "address_hi", "data"],
     "struct kvm_irq_routing_entry": ["gsi", "type", "flags", "u"],
     "struct kvm_irq_routing": ["nr", "flags", "entries"],
+    "struct kvm_sregs2": ["cs", "ldt", "idt", "cr8", "efer", "apic_base", "flags", "pdptrs"],
+    "struct kvm_xsave": ["region"],
+    "struct kvm_xcr": ["xcr", "reserved", "value"],
+    "struct kvm_xcrs": ["nr_xcrs", "flags", "xcrs"],
+    "struct kvm_debugregs": ["db", "dr6", "dr7", "flags"],
+    "struct kvm_irqchip": ["chip_id"],
+    "struct kvm_pit_state2": ["flags"],
+    "struct kvm_enable_cap": ["cap", "flags", "args"],
+    "struct kvm_clear_dirty_log": ["slot", "num_pages", "first_page", "dirty_bitmap"],
+    "struct kvm_dirty_gfn": ["flags", "slot", "offset"],
     "kvmkit_run_io": ["direction", "size", "port", "count", "data_offset"],
     "kvmkit_run_mmio": ["phys_addr", "data", "len", "is_write"],
 }
 
 
 def test_every_ioctl_number_matches_the_header() -> None:
-    assert len(ioctls.ALL) >= 38
+    assert len(ioctls.ALL) >= 53
     for name, value in ioctls.ALL.items():
         assert value == getattr(lib, name), (
             f"{name}: kvmkit {value:#x} != header {getattr(lib, name):#x}"
@@ -124,6 +134,9 @@ def test_struct_sizes_and_offsets_match_gcc(tmp_path: Path) -> None:
     assert ffi.sizeof("struct kvm_ioeventfd") == 64
     assert ffi.sizeof("struct kvm_msi") == 32
     assert ffi.sizeof("struct kvm_irq_routing_entry") == 48
+    assert ffi.sizeof("struct kvm_dirty_gfn") == 16  # kvmkit.kvm.dirty reads it as 2 u64
+    assert ffi.sizeof("struct kvm_xsave") == 4096
+    assert ffi.sizeof("struct kvm_irqchip") == 520
 
 
 def test_exit_kinds_agree_between_the_c_fast_path_and_python() -> None:
