@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvmkit.demos.main import DemoOptions, parse_steps, run_demo
 
-    steps = None if args.steps is None else parse_steps(args.steps)
+    text = getattr(args, "steps", None)
+    steps = None if text is None else parse_steps(text)
     figures = run_demo(
         DemoOptions(quick=args.quick, report=args.report, linux=not args.no_linux, steps=steps)
     )

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.runner.context import Console
+from kvmkit.sizes import format_size
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -96,13 +97,9 @@ class Transfer:
 
 
 def _size(n: int) -> str:
-    return (
-        f"{n // MiB} MiB"
-        if n >= MiB and n % MiB == 0
-        else f"{n // KiB} KiB"
-        if n >= KiB
-        else f"{n} B"
-    )
+    """``format_size`` spelt for people: 64 B, 1 KiB, 1 MiB."""
+    text = format_size(n)
+    return f"{text[:-1]} {text[-1]}iB" if text[-1] in "KMGTPE" else f"{n} B"
 
 
 # ---- the kvmkit runner --------------------------------------------------------------------
@@ -362,9 +359,10 @@ def kit_with_ide() -> Any:
 
 
 def io_step(
-    say: Say, task: Task, *, report: Path | None = None, quick: bool = False
+    say: Say, task: Task, *, report: Path | None = None, quick: bool = False, linux: bool = True
 ) -> dict[str, Any]:
-    """Run the step; print as it goes; return the figures (plots into ``report``)."""
+    """Run the step; print as it goes; return the figures (plots into ``report``).
+    ``linux=False`` leaves out the QEMU part (``--no-linux``)."""
     import os
     import shutil
 
@@ -397,7 +395,10 @@ def io_step(
                 f"{notes['uart_1mib_estimate_s']:.0f} s here; exits per KiB do not depend "
                 "on the size"
             )
-    if shutil.which("qemu-system-x86_64") is None:
+    if not linux:
+        figures["skipped"]["qemu"] = "not requested (--no-linux)"
+        say("  QEMU part skipped: not requested (--no-linux)")
+    elif shutil.which("qemu-system-x86_64") is None:
         figures["skipped"]["qemu"] = "qemu-system-x86_64 is not installed"
         say("  QEMU part skipped: qemu-system-x86_64 is not installed")
     else:

@@ -103,7 +103,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
 
         p.step(6, "emulated and paravirtual I/O", io.EXPLANATION)
         try:
-            figures["io"] = io.io_step(p.say, p.task, report=options.report, quick=options.quick)
+            figures["io"] = io.io_step(
+                p.say, p.task, report=options.report, quick=options.quick, linux=options.linux
+            )
         except Exception as exc:
             failed("io", exc)
 
