@@ -25,7 +25,8 @@
  *             nr 4 MARK  { u64 label_gpa; u64 label_len; }  host records (time, label)
  *           Marks, in order: "entry" (first instruction, 32-bit), "long-mode", "main",
  *           "user-mode" (after the switch to CPL 3), the program's own ("sieve-start",
- *           "sieve-end", "storm-start", "storm-end", "sipi", "all-cpus-up"), "done" (right
+ *           "sieve-end", "storm-start", "storm-end", "sipi", "all-cpus-up", "xfer-start",
+ *           "xfer-end"), "done" (right
  *           before the exit write).  Label strings are not NUL-terminated.
  *   0x0510  fw_cfg selector (16-bit write); 0x0511 fw_cfg data (byte reads).
  *           keys: 0x05 number of CPUs (u16 LE), 0x03 RAM size (u64 LE).

@@ -1,5 +1,6 @@
 """``kvmkit demo``: the whole teaching demo, step by step, each with a line of explanation
-first.  A step this host cannot run (no /dev/kvm, no QEMU) is skipped with the reason; a
+first (``DemoOptions.steps`` / ``--steps`` picks steps by name: :data:`STEP_NAMES`).
+A step this host cannot run (no /dev/kvm, no QEMU) is skipped with the reason; a
 step that raises is FAILED with its error (``figures["failed"]``; ``kvmkit demo`` then
 exits 1); either way the rest still runs.  ``report`` writes the Markdown/PNG/JSON report
 of what was measured."""

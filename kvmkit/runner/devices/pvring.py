@@ -159,6 +159,7 @@ class PvRing:
         if self.header is None:
             return
         self.passes += 1
+        # one aligned 8-byte copy (the header is 8-byte aligned): not torn by the guest's store
         produced = int.from_bytes(self.vm.read(self.header + _PRODUCED, 8), "little")
         if not self.consumed <= produced <= self.consumed + self.size:
             self.error = (
