@@ -67,7 +67,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(output)
         sys.stdout.flush()
-    return status
+    return int(status)
 
 
 def cmd_console(args: argparse.Namespace) -> int:

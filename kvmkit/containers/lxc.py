@@ -97,7 +97,7 @@ _STDERR_LIMIT = 64 * 1024
 
 def default_lxcpath() -> Path:
     """``<kvmkit state dir>/containers`` (``$KVMKIT_STATE_DIR``, else the XDG state home)."""
-    from kvmkit.qemu.vmstore import state_root
+    from kvmkit.statedir import state_root
 
     return state_root() / "containers"
 

@@ -191,7 +191,7 @@ def _kvmkit_round(image: Path, count: int) -> Round:
             while waiting and time.perf_counter() < deadline:
                 for key, _ in sel.select(max(0.0, deadline - time.perf_counter())):
                     proc, start, inst = key.data
-                    line = proc.stdout.readline()  # type: ignore[union-attr]
+                    line = proc.stdout.readline()
                     now = time.perf_counter()
                     sel.unregister(key.fileobj)
                     waiting -= 1

@@ -342,7 +342,7 @@ async def _guest_disk(vm: Any, prefix: str) -> str:
     found = [n for n in names if n.startswith(prefix)]
     if len(found) != 1:
         raise IoStepError(f"the guest sees block devices {names}; expected one {prefix}*")
-    return found[0]
+    return str(found[0])
 
 
 def kit_with_ide() -> Any:

@@ -19,7 +19,8 @@ sources, clones), :mod:`.errors`.
 from kvmkit.domains.definition import Boot, Definition, Disk, Nic, guest_kit_boot, validate_name
 from kvmkit.domains.domain import Domain, StartReport, define, list_domains, start_autostart
 from kvmkit.domains.errors import DefinitionError, DomainError, UntrustedStateError
-from kvmkit.domains.store import DomainStore, RunState, state_root
+from kvmkit.domains.store import DomainStore, RunState
+from kvmkit.statedir import state_root
 
 __all__ = [
     "Domain",

@@ -38,16 +38,9 @@ from kvmkit.domains.definition import Definition, validate_name
 from kvmkit.domains.errors import DefinitionError, DomainError, UntrustedStateError
 from kvmkit.domains.process import Identity, TrustedProcess, find
 from kvmkit.qemu.config import MachineConfig
+from kvmkit.statedir import state_root
 
 STATE_VERSION = 1
-
-
-def state_root() -> Path:
-    """The per-user state directory (see the module docstring)."""
-    if env := os.environ.get("KVMKIT_STATE_DIR"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "kvmkit"
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

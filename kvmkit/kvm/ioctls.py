@@ -14,19 +14,19 @@ KVMIO = 0xAE
 
 
 def _io(nr: int) -> int:
-    return IOC(IOC_NONE, KVMIO, nr, 0)
+    return int(IOC(IOC_NONE, KVMIO, nr, 0))
 
 
 def _ior(nr: int, ctype: str) -> int:
-    return IOC(IOC_READ, KVMIO, nr, ffi.sizeof(ctype))
+    return int(IOC(IOC_READ, KVMIO, nr, ffi.sizeof(ctype)))
 
 
 def _iow(nr: int, ctype: str) -> int:
-    return IOC(IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype))
+    return int(IOC(IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype)))
 
 
 def _iowr(nr: int, ctype: str) -> int:
-    return IOC(IOC_READ | IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype))
+    return int(IOC(IOC_READ | IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype)))
 
 
 # /dev/kvm

@@ -244,7 +244,7 @@ class Vcpu(FdObject):
         vm = self.vm
         if not vm.kvm.check_extension(Cap.XSAVE):
             return 0
-        return max(vm.check_extension(Cap.XSAVE2), ffi.sizeof("struct kvm_xsave"))
+        return max(int(vm.check_extension(Cap.XSAVE2)), int(ffi.sizeof("struct kvm_xsave")))
 
     def get_xsave(self) -> bytes:
         """``KVM_GET_XSAVE2`` (``KVM_GET_XSAVE`` without ``KVM_CAP_XSAVE2``): the

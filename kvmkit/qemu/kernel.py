@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 
 from kvmkit.qemu.errors import GuestKitError
 
@@ -40,10 +41,11 @@ def has_pvh_entry(elf: bytes) -> bool:
     try:
         parsed = ELFFile(io.BytesIO(elf))
         for segment in parsed.iter_segments():
-            if segment.header.p_type != "PT_NOTE":
+            if not isinstance(segment, NoteSegment):
                 continue
-            for note in segment.iter_notes():  # type: ignore[attr-defined]
-                if note["n_name"] == "Xen" and note["n_type"] == _XEN_ELFNOTE_PHYS32_ENTRY:
+            for note in segment.iter_notes():
+                n_type: object = note["n_type"]  # pyelftools leaves Xen's note types as ints
+                if note["n_name"] == "Xen" and n_type == _XEN_ELFNOTE_PHYS32_ENTRY:
                     return True
     except Exception:  # a corrupt image is simply not PVH-bootable
         return False

@@ -604,7 +604,9 @@ class QMPClient(trio.abc.AsyncResource):
         if self._error is not None:
             raise self._error
 
-    async def _run_tasks(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+    async def _run_tasks(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with self._cancel_tasks:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)

@@ -8,9 +8,23 @@ the bus is ``strict``, when they raise :class:`BusError` naming the address and 
 from __future__ import annotations
 
 import bisect
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmkit.runner.errors import BusError
+
+#: A device's saved state: JSON-able plain values (ints, strings, lists, dicts), as
+#: ``save()`` returns it and ``load()`` takes it back (snapshots, migration).
+DeviceState = dict[str, Any]
+
+
+class StatefulDevice(Protocol):
+    """A device whose registers a snapshot or a migration carries."""
+
+    name: str
+
+    def save(self) -> DeviceState: ...
+
+    def load(self, state: DeviceState) -> None: ...
 
 
 class PortDevice(Protocol):

@@ -66,12 +66,15 @@ class Console:
 
     def _echo_write(self, data: bytes) -> None:
         try:
-            out = getattr(self._echo, "buffer", None)
+            echo = self._echo
+            if echo is None:
+                return
+            out = getattr(echo, "buffer", None)
             if out is not None:
                 out.write(data)
             else:
-                self._echo.write(data.decode("utf-8", "replace"))  # type: ignore[union-attr]
-            self._echo.flush()  # type: ignore[union-attr]
+                echo.write(data.decode("utf-8", "replace"))
+            echo.flush()
         except (BrokenPipeError, ValueError, OSError):  # reader gone or stream closed
             self._echo = None
             self.echo_lost = True

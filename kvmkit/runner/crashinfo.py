@@ -62,7 +62,7 @@ def translate(vm: Vm, sregs: Any, vaddr: int) -> int:
             return base | (vaddr & mask)
         table = entry & (0xFFFFF000 if width == 4 else _ADDR)
         shift -= bits
-    return table | (vaddr & 0xFFF)
+    return int(table | (vaddr & 0xFFF))
 
 
 def bytes_at_rip(vcpu: Vcpu, sregs: Any, rip: int) -> bytes:

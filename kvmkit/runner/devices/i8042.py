@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from kvmkit.runner.bus import DeviceState
 from kvmkit.runner.devices.reset import ResetHandler
 
 DATA_PORT = 0x60
@@ -136,11 +137,11 @@ class I8042:
                 "queue": list(self.queue),
             }
 
-    def load(self, state: dict[str, object]) -> None:
+    def load(self, state: DeviceState) -> None:
         with self._lock:
-            self.mode = int(state["mode"]) & 0xFF  # type: ignore[call-overload]
-            self.outport = int(state["outport"]) & 0xFF  # type: ignore[call-overload]
-            self.pending = int(state["pending"]) & 0xFF  # type: ignore[call-overload]
+            self.mode = int(state["mode"]) & 0xFF
+            self.outport = int(state["outport"]) & 0xFF
+            self.pending = int(state["pending"]) & 0xFF
             self.last_was_command = bool(state["last_was_command"])
             queue = state["queue"]
             self.queue.clear()

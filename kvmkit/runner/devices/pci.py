@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from kvmkit.runner.bus import Bus
+from kvmkit.runner.bus import Bus, DeviceState
 from kvmkit.runner.errors import BusError
 
 PCI_CONFIG_ADDRESS = 0xCF8
@@ -148,7 +148,7 @@ class PciFunction:
     def save(self) -> dict[str, object]:
         return {"config": list(self.config)}
 
-    def load(self, state: dict[str, object]) -> None:
+    def load(self, state: DeviceState) -> None:
         config = state["config"]
         if not isinstance(config, list) or len(config) != CONFIG_SIZE:
             raise BusError(f"{self.name}: saved config space must be {CONFIG_SIZE} bytes")
@@ -310,9 +310,9 @@ class PciBus:
                 "functions": {f"{s}.{f}": fn.save() for (s, f), fn in self.functions.items()},
             }
 
-    def load(self, state: dict[str, object]) -> None:
+    def load(self, state: DeviceState) -> None:
         with self._lock:
-            self.address = int(state["address"]) & 0x80FFFFFC  # type: ignore[call-overload]
+            self.address = int(state["address"]) & 0x80FFFFFC
             saved = state["functions"]
             if not isinstance(saved, dict):
                 raise BusError("pci-host state: 'functions' must be a mapping")

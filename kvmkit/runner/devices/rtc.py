@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 from kvmkit.errors import KvmkitError
+from kvmkit.runner.bus import DeviceState
 from kvmkit.runner.errors import RunnerError
 from kvmkit.runner.irq import InterruptLines
 
@@ -368,17 +369,17 @@ class CmosRtc:
                 "irq_raised": self.irq_raised,
             }
 
-    def load(self, state: dict[str, object]) -> None:
+    def load(self, state: DeviceState) -> None:
         with self._lock:
             nvram = state["nvram"]
             if not isinstance(nvram, list) or len(nvram) != NVRAM_SIZE:
                 raise RunnerError(f"cmos-rtc state: nvram must be a list of {NVRAM_SIZE} bytes")
             self.nvram[:] = bytes(nvram)
-            self.index = int(state["index"])  # type: ignore[call-overload]
+            self.index = int(state["index"])
             self.nmi_masked = bool(state["nmi_masked"])
-            self.offset_ns = int(state["offset_ns"])  # type: ignore[call-overload]
+            self.offset_ns = int(state["offset_ns"])
             frozen = state["frozen_ns"]
-            self.frozen_ns = None if frozen is None else int(frozen)  # type: ignore[call-overload]
+            self.frozen_ns = None if frozen is None else int(frozen)
             self.irq_raised = bool(state["irq_raised"])
             self._next_periodic_ns = 0
             if self.irq_raised:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 import threading
 
+from kvmkit.runner.bus import DeviceState
 from kvmkit.runner.devices.pci import PciBar, PciFunction
 from kvmkit.runner.irq import IOAPIC_PINS, InterruptLines
 
@@ -93,9 +94,9 @@ class PcTestdev:
             "levels": [int(v) for v in self.levels],
         }
 
-    def load(self, state: dict[str, object]) -> None:
-        self.ioport_data = int(state["ioport_data"]) & 0xFFFFFFFF  # type: ignore[call-overload]
-        self.flushes = int(state["flushes"])  # type: ignore[call-overload]
+    def load(self, state: DeviceState) -> None:
+        self.ioport_data = int(state["ioport_data"]) & 0xFFFFFFFF
+        self.flushes = int(state["flushes"])
         iomem = bytes.fromhex(str(state["iomem"]))
         self.iomem[:] = iomem[:TESTDEV_IOMEM_LEN].ljust(TESTDEV_IOMEM_LEN, b"\0")
         levels = state["levels"]
@@ -186,9 +187,9 @@ class PciTestdev:
                 "function": self.function.save(),
             }
 
-    def load(self, state: dict[str, object]) -> None:
+    def load(self, state: DeviceState) -> None:
         with self._lock:
-            current = int(state["current"])  # type: ignore[call-overload]
+            current = int(state["current"])
             self.current = current if 0 <= current < len(self.tests) else -1
             counts = state["counts"]
             if isinstance(counts, list):
