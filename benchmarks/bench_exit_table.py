@@ -1,18 +1,19 @@
 """The VM-exit table, in the style of kvm-unit-tests' ``x86/vmexit.c``: TSC cycles per
 exit for CPUID, a hypercall (the runner's TIME hypercall port 0x501), port I/O and MMIO to
 a device in the VMM (QEMU's ``pc-testdev``: port 0xe0, iomem 0xff000000, on both VMMs),
-a LAPIC timer interrupt (arm, take it) and a self-IPI — one guest binary
-(``csrc/guests/vmexit.c``) run four ways in the same run: kvmkit's C fast path, kvmkit's
-Python loop, QEMU ``-accel kvm`` (the baseline: every ratio is to it) and QEMU TCG.
+a LAPIC timer interrupt (arm, take it), a self-IPI and an IPI between two vCPUs (CPU 0
+sends, CPU 1 sleeping in HLT takes it, CPU 0 waits until it has: kvm-unit-tests' "ipi") —
+one guest binary (``csrc/guests/vmexit.c``) on two vCPUs, run four ways in the same run:
+kvmkit's C fast path, kvmkit's Python loop, QEMU ``-accel kvm`` (the baseline: every
+ratio is to it) and QEMU TCG.
 
-The IPI row is a **self-IPI** on one vCPU (ICR shorthand "self"), not an IPI between two
-vCPUs: starting an AP here means real-mode code that PVM emulates instruction by
-instruction, on every VMM, and a cross-vCPU round trip then measures the scheduler of a
-2-core host shared with other work more than the exit.  The timer and IPI rows run at
-CPL 0 (this guest runtime takes interrupts only at CPL 0); CPUID, hypercall, port I/O and
-MMIO run at CPL 3 (PVM runs CPL-3 code natively and emulates CPL 0).
+The timer and IPI rows run at CPL 0 (this guest runtime takes interrupts only at CPL 0;
+on PVM that code is emulated); CPUID, hypercall, port I/O and MMIO run at CPL 3 (PVM runs
+CPL-3 code natively).  The cross-vCPU IPI on a 2-core host shared with other work also
+measures the host scheduler: read that row with its spread in mind.
 
-Cross-check of every figure: the host's own clock around the same timed loop, times the
+Each way runs three times, interleaved; each figure is the median run's.  Cross-check of
+every figure: the host's own clock around the same timed loop, times the
 TSC rate KVM reports (``KVM_GET_TSC_KHZ``).  Under kvmkit the guest brackets each loop
 with MARK hypercalls, which the runner timestamps; under QEMU it writes one ``@`` to the
 debug console before and after the loop, and this process timestamps each ``@`` as it
@@ -27,6 +28,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +43,13 @@ ROWS: dict[str, str] = {
     "pio": "port I/O to a VMM device (pc-testdev 0xe0)",
     "mmio": "MMIO to a VMM device (pc-testdev 0xff000000)",
     "lapic-timer": "LAPIC timer interrupt (arm, take it)",
-    "self-ipi": "self-IPI, one vCPU (send, take it)",
+    "self-ipi": "self-IPI (send, take it)",
+    "ipi": "IPI to the other vCPU (send, it takes it)",
 }
 #: The order the guest runs them (its CPL-0 rows first).
-RUN_ORDER = ("lapic-timer", "self-ipi", "cpuid", "hypercall", "pio", "mmio")
+RUN_ORDER = ("lapic-timer", "self-ipi", "ipi", "cpuid", "hypercall", "pio", "mmio")
+#: vCPUs on every way (the IPI row needs two).
+VCPUS = 2
 #: Rows whose exit returns to the VMM's user space: the goal is <= QEMU-KVM's cost.
 TO_VMM = ("hypercall", "pio", "mmio")
 
@@ -64,6 +69,8 @@ class Column:
 
     way: str
     rows: dict[str, tuple[int, float, int, int]] = field(default_factory=dict)
+    #: row -> cycles per op of every run (the figure is their median)
+    samples: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _parse(console: str, host_ns: list[float], way: str) -> Column:
@@ -87,6 +94,7 @@ def _run_kvmkit(image: Path, append: str, python_loop: bool) -> Column:
             image,
             append=append,
             devices=("pc-testdev",),
+            vcpus=VCPUS,
             python_loop=python_loop,
             echo=None,
             timeout=_QEMU_TIMEOUT_S,
@@ -104,7 +112,7 @@ def _run_kvmkit(image: Path, append: str, python_loop: bool) -> Column:
 def _qemu_command(image: Path, accel: str, append: str) -> list[str]:
     from kvmkit.demos.engines import qemu_kernel_command
 
-    cmd = qemu_kernel_command(image, accel=accel, append=append, console="stdio")
+    cmd = qemu_kernel_command(image, accel=accel, append=append, console="stdio", smp=VCPUS)
     first = cmd.index("-device")
     cmd[first:first] = ["-device", "pc-testdev"]
     return cmd
@@ -149,7 +157,19 @@ def _tsc_khz() -> int:
     return khz
 
 
+def _median_column(runs: list[Column]) -> Column:
+    """Per row, the run whose cycles are the median (its own host check with it), and
+    every run's cycles in ``samples``."""
+    out = Column(runs[0].way)
+    for row in runs[0].rows:
+        ranked = sorted(runs, key=lambda c: c.rows[row][0])
+        out.rows[row] = ranked[len(ranked) // 2].rows[row]
+        out.samples[row] = [c.rows[row][0] for c in runs]
+    return out
+
+
 def measure(quick: bool) -> tuple[list[Column], int]:
+    """Every way, ``repeats`` times interleaved (so load drift hits each alike)."""
     from kvmkit.guests import build_guest
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -158,13 +178,17 @@ def measure(quick: bool) -> tuple[list[Column], int]:
         raise Skip("qemu-system-x86_64 is not installed (the QEMU-KVM baseline needs it)")
     image = build_guest("vmexit")
     append = f"goal={1 << (24 if quick else 26)}"
-    columns = [
-        _run_qemu(image, "kvm", append),
-        _run_kvmkit(image, append, python_loop=False),
-        _run_kvmkit(image, append, python_loop=True),
-        _run_qemu(image, "tcg", append),
+    ways: list[Callable[[], Column]] = [
+        lambda: _run_qemu(image, "kvm", append),
+        lambda: _run_kvmkit(image, append, python_loop=False),
+        lambda: _run_kvmkit(image, append, python_loop=True),
+        lambda: _run_qemu(image, "tcg", append),
     ]
-    return columns, _tsc_khz()
+    runs: list[list[Column]] = [[] for _ in ways]
+    for _ in range(1 if quick else 3):
+        for i, way in enumerate(ways):
+            runs[i].append(way())
+    return [_median_column(r) for r in runs], _tsc_khz()
 
 
 def run(quick: bool = False) -> list[Result]:
@@ -185,7 +209,13 @@ def run(quick: bool = False) -> list[Result]:
                     target="<= 1.0x" if row in TO_VMM and col.way in (FAST, PYTHON) else None,
                     check=host_ns * tsc_khz / 1e6,
                     check_method=CHECK,
-                    extra={"n": n, "cpl": cpl, "host_ns_per_exit": host_ns, "tsc_khz": tsc_khz},
+                    extra={
+                        "n": n,
+                        "cpl": cpl,
+                        "host_ns_per_exit": host_ns,
+                        "tsc_khz": tsc_khz,
+                        "cycles_runs": col.samples.get(row, []),
+                    },
                 )
             )
     _print_matrix(columns)

@@ -10,6 +10,9 @@
  *   lapic-timer  arm the LAPIC timer one-shot (1 tick), sleep in HLT until it fires, EOI
  *                (CPL 0: interrupts are taken only at CPL 0 in this runtime)
  *   self-ipi     fixed IPI to self through the ICR, take it in "sti; hlt", EOI (CPL 0)
+ *   ipi          fixed IPI from CPU 0 to CPU 1, which sleeps in "sti; hlt", takes it and
+ *                EOIs; CPU 0 spins until it was taken (kvm-unit-tests' "ipi"; CPL 0;
+ *                needs two CPUs, fw_cfg key 0x05 — with one the row says "skipped")
  *   cpuid        CPUID leaf 0 (CPL 3 unless cpl=0)
  *   hypercall    the TIME hypercall, outl to port 0x501 (under QEMU an unassigned port,
  *                which still exits to QEMU's user space)
@@ -28,15 +31,34 @@
 
 #define VEC_TIMER 0x30
 #define VEC_IPI 0x31
+#define VEC_REMOTE 0x32
+#define LAPIC_ICR_HIGH 0x310
+#define ICR_FIXED_PHYSICAL 0x00004000u /* fixed delivery, physical destination, assert */
 #define ICR_SELF_FIXED 0x00040000u /* destination shorthand "self", fixed delivery */
 #define TESTDEV_PORT 0xe0
 #define TESTDEV_IOMEM 0xff000000UL
-#define NROWS 6
+#define NROWS 7
 
 static u64 fixed_n, goal, rows, stamps;
+static volatile u32 ap_apic_id, ap_ready;
 
-static const char *const names[NROWS] = {"lapic-timer", "self-ipi", "cpuid",
+static const char *const names[NROWS] = {"lapic-timer", "self-ipi", "ipi", "cpuid",
                                          "hypercall",   "pio",      "mmio"};
+
+/* CPU 1: take remote IPIs forever (the handler EOIs; kk_irq_count[] counts them). */
+void kk_ap_main(u32 index)
+{
+    kk_load_idt();
+    lapic_enable(0);
+    if (index == 1) {
+        ap_apic_id = lapic_read(LAPIC_ID) >> 24;
+        __atomic_store_n(&ap_ready, 1, __ATOMIC_RELEASE);
+        for (;;)
+            kk_wait_for_interrupt();
+    }
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
 
 static void op_lapic_timer(void)
 {
@@ -52,6 +74,15 @@ static void op_self_ipi(void)
     lapic_write(LAPIC_ICR_LOW, ICR_SELF_FIXED | VEC_IPI);
     while (kk_irq_count[VEC_IPI] == before)
         kk_wait_for_interrupt();
+}
+
+static void op_ipi(void)
+{
+    u32 before = __atomic_load_n(&kk_irq_count[VEC_REMOTE], __ATOMIC_ACQUIRE);
+    lapic_write(LAPIC_ICR_HIGH, ap_apic_id << 24);
+    lapic_write(LAPIC_ICR_LOW, ICR_FIXED_PHYSICAL | VEC_REMOTE);
+    while (__atomic_load_n(&kk_irq_count[VEC_REMOTE], __ATOMIC_ACQUIRE) == before)
+        kk_pause();
 }
 
 static void op_cpuid(void)
@@ -70,7 +101,7 @@ static void op_pio(void) { kk_outb(TESTDEV_PORT, 0x5a); }
 
 static void op_mmio(void) { kk_mmio_write32(TESTDEV_IOMEM, 0x5a5a5a5a); }
 
-static void (*const ops[NROWS])(void) = {op_lapic_timer, op_self_ipi, op_cpuid,
+static void (*const ops[NROWS])(void) = {op_lapic_timer, op_self_ipi, op_ipi, op_cpuid,
                                          op_hypercall,   op_pio,      op_mmio};
 
 static void run_row(int i)
@@ -102,7 +133,7 @@ static void run_row(int i)
 
 __attribute__((noreturn)) static void user_rows(void)
 {
-    for (int i = 2; i < NROWS; i++)
+    for (int i = 3; i < NROWS; i++)
         run_row(i);
     kk_puts("vmexit: done\n");
     kk_exit(0);
@@ -123,5 +154,20 @@ int main(void)
     run_row(0);
     lapic_write(LAPIC_TIMER_INITIAL, 0);
     run_row(1);
+    u16 cpus = 1;
+    kk_fw_cfg_read(KK_FW_CFG_NB_CPUS, &cpus, sizeof(cpus));
+    if (rows & (1UL << 2)) {
+        if (cpus < 2) {
+            kk_puts("vmexit: ipi skipped (one cpu)\n");
+        } else {
+            kk_set_irq_handler(VEC_REMOTE, eoi_lapic_handler);
+            pc_start_aps();
+            u64 start = kk_rdtsc();
+            while (!__atomic_load_n(&ap_ready, __ATOMIC_ACQUIRE))
+                if (kk_rdtsc() - start > (1UL << 36))
+                    kk_fail(1, "vmexit: cpu 1 never came up\n");
+            run_row(2);
+        }
+    }
     kk_run_at_cpl(cpl, user_rows);
 }
