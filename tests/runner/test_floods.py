@@ -20,12 +20,14 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
 from kvmkit.runner.context import MAX_MARKS
+from kvmkit.runner.machine import RunResult
 
 CHANNELS = ("debugcon", "puts", "marks", "mmio", "ports", "uart")
 FLOOD_S = 4.0
@@ -91,3 +93,12 @@ def test_rss_stays_flat_while_a_guest_floods(
     if channel in ("mmio", "ports"):
         assert len(result["unclaimed"]) <= 1025  # the per-address cap, plus "other"
         assert sum(result["unclaimed"].values()) >= exits - 16
+
+
+@pytest.mark.parametrize("append", ["", "channel=nope"])
+def test_the_flood_guest_refuses_a_missing_or_unknown_channel(
+    append: str, guest_image: Callable[[str], Path], run_image: Callable[..., RunResult]
+) -> None:
+    r = run_image(guest_image("flood"), append=append)
+    assert (r.reason, r.exit_code) == ("exit", 2)
+    assert "channel=" in r.console
