@@ -4,6 +4,12 @@
 Firecracker's published boot figure stands beside them as a reference line: published,
 not measured here.
 
+``kvmkit run hello`` names the bundled guest, as a user types it, so the guest cache
+lookup is part of the figure.  kvmkit's bytecode is compiled first (``compileall``), as a
+wheel install leaves it: with ``PYTHONDONTWRITEBYTECODE`` set (as on some CI hosts) an
+editable checkout would otherwise recompile every module on every run, which measures
+the compiler, not kvmkit.
+
 Each figure is the median of single runs timed from here, cross-checked by batches: the
 same command run back to back by one ``sh -c`` loop, the batch's time divided by its size
 (the median of three batches of five for commands under a second, one batch of two for
@@ -12,6 +18,7 @@ slower ones).
 
 from __future__ import annotations
 
+import compileall
 import shlex
 import shutil
 import statistics
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import time
 
+import kvmkit
 from benchmarks.common import Result
 from kvmkit.demos.engines import qemu_kernel_command
 from kvmkit.guests import build_guest, qemu_exit_status
@@ -63,11 +71,14 @@ def _check(cmd: list[str], expect_status: int, single_s: float) -> float:
 
 
 def run(quick: bool = False) -> list[Result]:
-    image = str(build_guest("hello"))
+    image = str(build_guest("hello"))  # built and its cache key remembered: a warm cache
+    for path in kvmkit.__path__:
+        if not compileall.compile_dir(path, quiet=2):
+            raise RuntimeError(f"compileall could not compile {path}")
     repeats = 3 if quick else 7
     ways: dict[str, tuple[list[str], int]] = {
         PYTHON: ([sys.executable, "-c", "pass"], 0),
-        KVMKIT: ([sys.executable, "-m", "kvmkit", "run", image], 0),
+        KVMKIT: ([sys.executable, "-m", "kvmkit", "run", "hello"], 0),
     }
     if shutil.which("qemu-system-x86_64"):
         ways[QEMU] = (qemu_kernel_command(image, accel="kvm"), qemu_exit_status(0))

@@ -2,7 +2,10 @@
  * The runner's C fast path: KVM_RUN in a loop, in C, with the GIL released (cffi releases
  * it around every call).  It answers the exits that need no Python — debug console bytes,
  * the exit port, the exit and boot-timer-mark hypercalls, each only when Python set its
- * port because the bus gives that port to the standard device — and counts every exit exactly
+ * port because the bus gives that port to the standard device; MMIO writes to addresses no
+ * bus device claims (Python passes the claimed ranges; the write is dropped and counted per
+ * address, as the Python loop does, in a few slots); HLT when Python asked for the bare
+ * machine's "resume after HLT" (benchmarks) — and counts every exit exactly
  * as the Python loop does (kinds, ports, KVM_RUN calls, time in KVM_RUN), then returns to
  * Python only for the exits it does not handle, when the guest asked to exit, when it was
  * interrupted, or when its console or mark buffer needs draining.
@@ -39,6 +42,8 @@
 #define KVMKIT_MAX_MARKS 64
 #define KVMKIT_MARK_LABEL 48
 #define KVMKIT_CONSOLE_BUF 4096
+#define KVMKIT_MAX_CLAIMED 32
+#define KVMKIT_SINK_SLOTS 16
 
 struct kvmkit_region {
     uint64_t gpa;
@@ -52,6 +57,16 @@ struct kvmkit_mark {
     char label[KVMKIT_MARK_LABEL];
 };
 
+struct kvmkit_range {
+    uint64_t start;
+    uint64_t end; /* exclusive */
+};
+
+struct kvmkit_count {
+    uint64_t addr;
+    uint64_t n;
+};
+
 struct kvmkit_fastpath {
     /* set by Python */
     int vcpu_fd;
@@ -62,6 +77,10 @@ struct kvmkit_fastpath {
     int mark_port;
     struct kvmkit_region regions[KVMKIT_MAX_REGIONS];
     uint32_t nregions;
+    int hlt_resume;             /* 1: HLT exits resume the guest (no irqchip, benchmarks) */
+    int mmio_sink;              /* 1: writes outside claimed[] are dropped and counted here */
+    struct kvmkit_range claimed[KVMKIT_MAX_CLAIMED]; /* the bus's MMIO ranges */
+    uint32_t nclaimed;
     /* filled by C, drained by Python */
     uint8_t console[KVMKIT_CONSOLE_BUF];
     uint32_t console_len;
@@ -73,6 +92,8 @@ struct kvmkit_fastpath {
     uint64_t *port_counts;      /* 65536 counters, or NULL */
     uint16_t *touched;          /* ports whose counter went from 0 to 1 (65536 slots) */
     uint32_t ntouched;
+    struct kvmkit_count sink[KVMKIT_SINK_SLOTS]; /* unclaimed MMIO writes, per address */
+    uint32_t nsink;
     uint64_t exit_value;
     int err;
 };
@@ -145,6 +166,25 @@ static int kvmkit_mark(struct kvmkit_fastpath *fp, uint64_t now)
     return 1;
 }
 
+/* An MMIO write no bus device claims: count it in a slot (1) or leave it to Python (0)
+   when the address is claimed, or new and every slot is taken. */
+static int kvmkit_mmio_sink(struct kvmkit_fastpath *fp, uint64_t addr)
+{
+    for (uint32_t i = 0; i < fp->nclaimed; i++)
+        if (addr >= fp->claimed[i].start && addr < fp->claimed[i].end)
+            return 0;
+    for (uint32_t i = 0; i < fp->nsink; i++)
+        if (fp->sink[i].addr == addr) {
+            fp->sink[i].n++;
+            return 1;
+        }
+    if (fp->nsink == KVMKIT_SINK_SLOTS)
+        return 0;
+    fp->sink[fp->nsink].addr = addr;
+    fp->sink[fp->nsink++].n = 1;
+    return 1;
+}
+
 int kvmkit_fast_run(struct kvmkit_fastpath *fp)
 {
     struct kvm_run *run = fp->run;
@@ -166,8 +206,14 @@ int kvmkit_fast_run(struct kvmkit_fastpath *fp)
             return -err;
         }
         fp->exits[kind]++;
-        if (run->exit_reason != KVM_EXIT_IO)
+        if (run->exit_reason != KVM_EXIT_IO) {
+            if (kind == KVMKIT_KIND_MMIO_WRITE && fp->mmio_sink &&
+                kvmkit_mmio_sink(fp, run->mmio.phys_addr))
+                continue;
+            if (kind == KVMKIT_KIND_HLT && fp->hlt_resume)
+                continue;
             return KVMKIT_FP_UNHANDLED;
+        }
         int port = run->io.port;
         if (fp->port_counts && fp->port_counts[port]++ == 0)
             fp->touched[fp->ntouched++] = (uint16_t)port;

@@ -23,6 +23,8 @@
 #define KVMKIT_MAX_MARKS ...
 #define KVMKIT_MARK_LABEL ...
 #define KVMKIT_CONSOLE_BUF ...
+#define KVMKIT_MAX_CLAIMED ...
+#define KVMKIT_SINK_SLOTS ...
 
 struct kvmkit_region {
     uint64_t gpa;
@@ -37,6 +39,16 @@ struct kvmkit_mark {
     ...;
 };
 
+struct kvmkit_range {
+    uint64_t start;
+    uint64_t end;
+};
+
+struct kvmkit_count {
+    uint64_t addr;
+    uint64_t n;
+};
+
 struct kvmkit_fastpath {
     int vcpu_fd;
     struct kvm_run *run;
@@ -46,6 +58,10 @@ struct kvmkit_fastpath {
     int mark_port;
     struct kvmkit_region regions[];
     uint32_t nregions;
+    int hlt_resume;
+    int mmio_sink;
+    struct kvmkit_range claimed[];
+    uint32_t nclaimed;
     uint8_t console[];
     uint32_t console_len;
     struct kvmkit_mark marks[];
@@ -56,6 +72,8 @@ struct kvmkit_fastpath {
     uint64_t *port_counts;
     uint16_t *touched;
     uint32_t ntouched;
+    struct kvmkit_count sink[];
+    uint32_t nsink;
     uint64_t exit_value;
     int err;
     ...;

@@ -36,10 +36,9 @@ The constants below mirror ``csrc/guests/kvmkit_guest.h``, which documents the A
 from __future__ import annotations
 
 import functools
-import hashlib
+import json
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -118,6 +117,8 @@ GUEST_NAMES: tuple[str, ...] = (
     "pci",
     "testdev",
     "pvio",
+    "vmexit",
+    "flood",
 )
 
 # ---- the builder ---------------------------------------------------------------------------
@@ -203,8 +204,8 @@ def build_guest(name: str) -> Path:
     """Return the path of the multiboot ELF32 image of guest program ``name``.
 
     Builds it on first use with ``gcc``, ``ld`` and ``objcopy`` from PATH; later calls with
-    unchanged sources and toolchain return the cached file without running anything but
-    ``--version`` probes (once per process).  Safe to call from several threads or
+    unchanged sources and toolchain return the cached file without running anything (the
+    key is remembered under the files' sizes and mtimes, see :func:`_cache_key`).  Safe to call from several threads or
     processes at once: each build happens in a private directory and is renamed into place.
     The caller must not modify the returned file.
 
@@ -217,7 +218,7 @@ def build_guest(name: str) -> Path:
         )
     src = guest_source_dir()
     sources = _source_files(src, name)
-    key = _cache_key(src, _toolchain_id())
+    key = _cache_key(src)
     out_dir = guest_cache_dir() / key
     image = out_dir / f"{name}.elf"
     if image.is_file():
@@ -247,8 +248,71 @@ def _source_files(src: Path, name: str) -> list[Path]:
     return files
 
 
-def _cache_key(src: Path, toolchain: str) -> str:
+def _cache_key(src: Path) -> str:
+    """The build's key: a hash of every file in the source dir, the flags and the
+    toolchain's versions.  Hashing the sources and asking gcc, ld and objcopy for their
+    versions costs ~15 ms per run, so the key is remembered under a stamp of what it was
+    computed from (paths, sizes and mtimes of the sources and of the tools' binaries) and
+    computed again only when one of them changed."""
+    stamp = _stamp(src)
+    memo_path = guest_cache_dir() / _KEY_MEMO
+    memo = _read_memo(memo_path)
+    key = memo.get(stamp)
+    if isinstance(key, str):
+        return key
+    key = _hash_key(src, _toolchain_id())
+    memo.pop(stamp, None)
+    memo[stamp] = key
+    _write_memo(memo_path, dict(list(memo.items())[-_KEY_MEMO_ENTRIES:]))
+    return key
+
+
+#: The key memo in the cache directory, and how many stamps it keeps (newest last).
+_KEY_MEMO = "keys.json"
+_KEY_MEMO_ENTRIES = 32
+
+
+def _stamp(src: Path) -> str:
+    """What the key depends on, cheaply: the recipe, and path, size and mtime of every
+    source file and of each tool's binary.  Raises GuestBuildError for a missing tool."""
+    parts = [_RECIPE_VERSION, str(src.resolve())]
+    for tool in _TOOLS:
+        found = shutil.which(tool)
+        if found is None:
+            raise _missing_tool(tool)
+        real = os.path.realpath(found)
+        st = os.stat(real)
+        parts.append(f"{tool}={real}:{st.st_size}:{st.st_mtime_ns}")
+    for source in sorted(p for p in src.iterdir() if p.is_file()):
+        st = source.stat()
+        parts.append(f"{source.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _read_memo(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_memo(path: Path, memo: dict[str, object]) -> None:
+    """Best effort (the memo only saves time): a private temp file renamed into place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _hash_key(src: Path, toolchain: str) -> str:
     """Hash of every file in the source dir, the flags and the toolchain's versions."""
+    import hashlib  # only when the sources or tools changed (loading OpenSSL costs ms)
+
     h = hashlib.sha256()
     for item in (_RECIPE_VERSION, toolchain, *_CFLAGS, *_LDFLAGS):
         h.update(item.encode() + b"\0")
@@ -259,23 +323,32 @@ def _cache_key(src: Path, toolchain: str) -> str:
     return h.hexdigest()[:16]
 
 
+_TOOLS = ("gcc", "ld", "objcopy")
+
+
+def _missing_tool(tool: str) -> GuestBuildError:
+    return GuestBuildError(
+        f"{tool} not found on PATH; kvmkit builds its guest programs with it",
+        hint="install gcc and binutils (Debian/Ubuntu: apt-get install gcc binutils)",
+    )
+
+
 @functools.cache
 def _toolchain_id() -> str:
     """First line of ``--version`` of gcc, ld and objcopy: part of the cache key."""
     lines = []
-    for tool in ("gcc", "ld", "objcopy"):
+    for tool in _TOOLS:
         path = shutil.which(tool)
         if path is None:
-            raise GuestBuildError(
-                f"{tool} not found on PATH; kvmkit builds its guest programs with it",
-                hint="install gcc and binutils (Debian/Ubuntu: apt-get install gcc binutils)",
-            )
+            raise _missing_tool(tool)
         result = _run([path, "--version"], what=f"{tool} --version")
         lines.append(result.splitlines()[0] if result else tool)
     return "\n".join(lines)
 
 
 def _run(cmd: list[str], *, what: str, cwd: Path | None = None) -> str:
+    import subprocess  # only to build (a cached image needs no tool; saves ~2 ms a run)
+
     try:
         proc = subprocess.run(
             cmd,

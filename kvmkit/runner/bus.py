@@ -75,6 +75,11 @@ class Bus:
         self._mmio_starts.insert(i, base)
         self._mmio.insert(i, (base, length, device))
 
+    def mmio_ranges(self) -> list[tuple[int, int]]:
+        """Every claimed MMIO range as ``(start, end)``, end exclusive, in address order
+        (the C fast path treats every other address as unclaimed)."""
+        return [(start, start + length) for start, length, _ in self._mmio]
+
     def mmio_device(self, addr: int) -> MmioDevice | None:
         i = bisect.bisect_right(self._mmio_starts, addr) - 1
         if i >= 0:

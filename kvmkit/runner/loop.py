@@ -1,6 +1,7 @@
 """The two run loops of one vCPU: a Python loop that dispatches every exit, and the C fast
-path (``csrc/fastpath.c``) that handles the console, exit and mark ports itself and comes
-back to Python only for the rest.  Both produce the same console output and statistics.
+path (``csrc/fastpath.c``) that handles the console, exit and mark ports, writes to
+unclaimed MMIO and (when HLT resumes) HLT itself, and comes back to Python only for the
+rest.  Both produce the same console output and statistics.
 
 The bus is the one truth: the fast path serves a port only when the bus gives it to the
 runner's standard device for it (checked by the registered object, not by the port).
@@ -357,6 +358,16 @@ class VcpuLoop:
             fp.regions[i].size = region.size
             fp.regions[i].hva = ffi.cast("uint8_t *", region.host_address)
         fp.nregions = min(len(regions), lib.KVMKIT_MAX_REGIONS)
+        # HLT resumes (the bare machine in benchmark mode): nothing for Python to do
+        fp.hlt_resume = int(not self.halt_ends_run)
+        # writes to MMIO no device claims are dropped and counted: C may do that itself,
+        # given the claimed ranges (the bus is complete here), unless --strict must trip
+        claimed = self.bus.mmio_ranges()
+        fp.mmio_sink = int(not self.strict and len(claimed) <= lib.KVMKIT_MAX_CLAIMED)
+        for i, (start, end) in enumerate(claimed[: lib.KVMKIT_MAX_CLAIMED]):
+            fp.claimed[i].start = start
+            fp.claimed[i].end = end
+        fp.nclaimed = min(len(claimed), lib.KVMKIT_MAX_CLAIMED)
         port_counts = ffi.new("uint64_t[65536]")
         touched = ffi.new("uint16_t[65536]")
         fp.port_counts = port_counts
@@ -420,3 +431,8 @@ class VcpuLoop:
             stats.ports[port] += counts[port]
             counts[port] = 0
         fp.ntouched = 0
+        for i in range(fp.nsink):
+            addr, n = fp.sink[i].addr, fp.sink[i].n
+            stats.mmio[addr] += n
+            stats.unclaimed["mmio", addr] += n
+        fp.nsink = 0

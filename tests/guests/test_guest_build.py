@@ -78,6 +78,44 @@ def test_second_build_comes_from_the_cache(cache: Path) -> None:
     assert not list((cache / "guests").glob("*/.build-*"))  # no temp dirs left behind
 
 
+def test_a_cached_build_runs_no_tool(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, fresh_toolchain_probe: None
+) -> None:
+    first = build_guest("hello")
+    guests._toolchain_id.cache_clear()  # a new process: nothing remembered in memory
+
+    def no_tools(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a cached build ran {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_tools)
+    assert build_guest("hello") == first  # the key came from the memo, not from gcc
+
+
+def test_a_changed_tool_is_asked_for_its_version_again(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_toolchain_probe: None
+) -> None:
+    first = build_guest("hello")
+    guests._toolchain_id.cache_clear()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("gcc", "ld", "objcopy"):  # the same tools behind other paths
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    (bin_dir / "gcc").unlink()
+    (bin_dir / "gcc").write_text(f'#!/bin/sh\nexec {shutil.which("gcc")} "$@"\n')
+    (bin_dir / "gcc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    calls: list[object] = []
+    real_run = subprocess.run
+
+    def counting_run(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real_run(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
+    assert build_guest("hello") == first  # same versions: the same key, the cached image
+    assert calls  # ... but found by asking the (new) gcc, not from the memo
+
+
 def test_changed_sources_build_a_new_image(
     cache: Path, sources: Path, qemu_binary: str, tmp_path: Path
 ) -> None:

@@ -1,7 +1,9 @@
 """ELF32 / ELF64 x86 executables: ``PT_LOAD`` segments by physical address, entry point.
 
-The ELF header is checked by hand first so a truncated or foreign file gets a precise
-message; pyelftools then reads the program headers, and its exceptions become
+The ELF header and the program headers are read by hand (``struct``), so a truncated or
+foreign file gets a precise message and a run does not pay for importing pyelftools
+(~25 ms).  Only an image whose program-header count overflows into section header 0
+(``e_phnum == PN_XNUM``) is read with pyelftools, imported then; its exceptions become
 :class:`ImageError`.
 """
 
@@ -11,10 +13,7 @@ import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-from elftools.common.exceptions import ELFError
-from elftools.construct.core import ConstructError
-from elftools.elf.elffile import ELFFile
+from typing import Any
 
 from kvmkit.runner.errors import ImageError
 from kvmkit.runner.loaders.image import Segment
@@ -24,8 +23,17 @@ EM_386 = 3
 EM_X86_64 = 62
 _ET_NAMES = {0: "ET_NONE", 1: "ET_REL (an object file: link it)", 4: "ET_CORE (a core dump)"}
 _PF_X = 1
+_PT_NAMES = {1: "PT_LOAD", 3: "PT_INTERP"}
+_PN_XNUM = 0xFFFF
 #: Header size and program-header entry size per ELF class (1: ELF32, 2: ELF64).
 _LAYOUT = {1: ("<HHIIIIIHHHHHH", 52, 32), 2: ("<HHIQQQIHHHHHH", 64, 56)}
+#: A program header per ELF class, and the order of its fields.
+_PHDR = {
+    1: ("<IIIIIIII", ("p_type", "p_offset", "p_vaddr", "p_paddr", "p_filesz", "p_memsz",
+                      "p_flags", "p_align")),
+    2: ("<IIQQQQQQ", ("p_type", "p_flags", "p_offset", "p_vaddr", "p_paddr", "p_filesz",
+                      "p_memsz", "p_align")),
+}  # fmt: skip
 _MACHINE = {1: (EM_386, "i386"), 2: (EM_X86_64, "x86-64")}
 _MACHINE_NAMES = {0: "none", 3: "i386", 8: "MIPS", 20: "PowerPC", 40: "ARM", 62: "x86-64",
                   183: "AArch64", 243: "RISC-V"}  # fmt: skip
@@ -51,8 +59,9 @@ def elf_class_of(data: bytes) -> int | None:
     return 32 if data[4] == 1 else 64
 
 
-def _check_header(path: Path, data: bytes) -> tuple[int, int, int, int]:
-    """Validate the ELF header; return ``(class_byte, e_entry, e_phoff, e_phentsize)``."""
+def _check_header(path: Path, data: bytes) -> tuple[int, int, int, int, int]:
+    """Validate the ELF header; return ``(class_byte, e_entry, e_phoff, e_phentsize,
+    e_phnum)``."""
     if len(data) < 16:
         raise ImageError(path, f"truncated ELF header: the file has only {len(data)} bytes")
     ei_class, ei_data, ei_version = data[4], data[5], data[6]
@@ -86,7 +95,46 @@ def _check_header(path: Path, data: bytes) -> tuple[int, int, int, int]:
         raise ImageError(
             path, f"bad program header entry size {e_phentsize} (ELF{bits} uses {phentsize})"
         )
-    return ei_class, e_entry, e_phoff, e_phentsize
+    return ei_class, e_entry, e_phoff, e_phentsize, e_phnum
+
+
+def _program_headers(
+    path: Path, data: bytes, ei_class: int, phoff: int, phentsize: int, phnum: int
+) -> list[dict[str, Any]]:
+    """The program headers as dicts of their fields (``p_type`` as a name for PT_LOAD and
+    PT_INTERP, else the number)."""
+    bits = 32 if ei_class == 1 else 64
+    if phnum == _PN_XNUM:
+        return _program_headers_xnum(path, data, bits)
+    table_end = phoff + phnum * phentsize
+    if phnum and table_end > len(data):
+        raise ImageError(
+            path,
+            f"program headers {phoff:#x}-{table_end - 1:#x} lie beyond the end of the "
+            f"file ({len(data):#x} bytes): truncated?",
+        )
+    fmt, names = _PHDR[ei_class]
+    headers = []
+    for i in range(phnum):
+        ph = dict(zip(names, struct.unpack_from(fmt, data, phoff + i * phentsize), strict=True))
+        ph["p_type"] = _PT_NAMES.get(ph["p_type"], ph["p_type"])
+        headers.append(ph)
+    return headers
+
+
+def _program_headers_xnum(path: Path, data: bytes, bits: int) -> list[dict[str, Any]]:
+    """PN_XNUM: the count lives in section header 0; pyelftools reads that rare case."""
+    from elftools.common.exceptions import ELFError
+    from elftools.construct.core import ConstructError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        phnum = elf.num_segments()
+        headers = [dict(elf.get_segment(i).header) for i in range(phnum)]
+    except (ELFError, ConstructError, struct.error, ValueError) as exc:
+        raise ImageError(path, f"malformed ELF{bits} program headers: {exc}") from exc
+    return headers
 
 
 def load_elf(path: Path, data: bytes) -> ElfImage:
@@ -97,22 +145,10 @@ def load_elf(path: Path, data: bytes) -> ElfImage:
     ``p_paddr`` is translated to the physical address.  Layout checks against guest RAM
     are the caller's (:func:`check_layout`).
     """
-    ei_class, e_entry, phoff, phentsize = _check_header(path, data)
+    ei_class, e_entry, phoff, phentsize, phnum = _check_header(path, data)
     entry = e_entry
     bits = 32 if ei_class == 1 else 64
-    try:
-        elf = ELFFile(io.BytesIO(data))
-        phnum = elf.num_segments()
-        table_end = phoff + phnum * phentsize
-        if phnum and table_end > len(data):
-            raise ImageError(
-                path,
-                f"program headers {phoff:#x}-{table_end - 1:#x} lie beyond the end of the "
-                f"file ({len(data):#x} bytes): truncated?",
-            )
-        headers = [elf.get_segment(i).header for i in range(phnum)]
-    except (ELFError, ConstructError, struct.error, ValueError) as exc:
-        raise ImageError(path, f"malformed ELF{bits} program headers: {exc}") from exc
+    headers = _program_headers(path, data, ei_class, phoff, phentsize, phnum)
     segments = []
     for index, ph in enumerate(headers):
         p_type = ph["p_type"]
