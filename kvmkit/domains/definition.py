@@ -14,7 +14,10 @@ format (version 1)::
       "machine": "pc",             # pc | q35 | microvm
       "accel": "auto",             # auto | kvm | tcg
       "boot": {"kind": "kernel", "kernel": "/abs/vmlinux", "initrd": "/abs/initrd",
-               "append": "console=ttyS0 ..."},          # or {"kind": "disk"}
+               "append": "console=ttyS0 ..."},
+              # or {"kind": "disk", "ready_marker": true}: the firmware boots vda;
+              # ready_marker says the installed system prints the guest kit's marker
+      "display": "none",           # none | vnc (VNC on 127.0.0.1, see domdisplay)
       "disks": [{"source": "/abs/a.qcow2", "target": "vda", "format": "qcow2",
                  "bus": "virtio", "readonly": false}],
       "nics": [{"model": "virtio", "network": "user"}],
@@ -35,7 +38,7 @@ from typing import Any, Literal, cast
 
 from kvmkit.domains.errors import DefinitionError
 from kvmkit.qemu import guestkit
-from kvmkit.qemu.config import MACHINE_TYPES, Drive, MachineConfig, MachineType
+from kvmkit.qemu.config import DISPLAYS, MACHINE_TYPES, Drive, MachineConfig, MachineType
 
 VERSION = 1
 MIB = 1 << 20
@@ -134,12 +137,14 @@ class Nic:
 @dataclass
 class Boot:
     """``kind`` ``kernel`` (direct boot of ``kernel``/``initrd``/``append``) or ``disk``
-    (the firmware boots the first disk)."""
+    (the firmware boots the first disk; ``ready_marker`` when the system on it prints the
+    guest kit's ready marker, as one installed from ``kvmkit guest iso`` does)."""
 
     kind: str = "kernel"
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
+    ready_marker: bool = False
 
     def validate(self) -> None:
         _check_choice(self.kind, "boot kind", ("kernel", "disk"))
@@ -151,6 +156,8 @@ class Boot:
             raise DefinitionError("a disk boot names no kernel or initrd")
         if self.append is not None and ("\n" in self.append or "\0" in self.append):
             raise DefinitionError("the kernel command line must be one line")
+        if not isinstance(self.ready_marker, bool):
+            raise DefinitionError("boot ready_marker must be true or false")
 
 
 @dataclass
@@ -170,6 +177,7 @@ class Definition:
     disks: list[Disk] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
     autostart: bool = False
+    display: str = "none"
 
     @property
     def current_mib(self) -> int:
@@ -192,6 +200,7 @@ class Definition:
             _check_int(self.max_vcpus, "max vCPUs", self.vcpus, MAX_VCPUS)
         _check_choice(self.machine, "machine", MACHINE_TYPES)
         _check_choice(self.accel, "accelerator", ACCELS)
+        _check_choice(self.display, "display", DISPLAYS)
         if not isinstance(self.autostart, bool):
             raise DefinitionError("autostart must be true or false")
         self.boot.validate()
@@ -253,9 +262,12 @@ class Definition:
 
     # -- QEMU ------------------------------------------------------------------------------
 
-    def machine_config(self, qemu_name: str | None = None) -> MachineConfig:
+    def machine_config(
+        self, qemu_name: str | None = None, *, cdrom: str | None = None
+    ) -> MachineConfig:
         """The :class:`MachineConfig` QEMU starts from: ``-m memory_mib``, the disks by
-        target (node name, device id and serial are the target), balloon always on."""
+        target (node name, device id and serial are the target), balloon always on.
+        ``cdrom`` (an installer ISO) is attached and booted first."""
         self.validate()
         config = MachineConfig(
             name=qemu_name or self.name,
@@ -277,6 +289,9 @@ class Definition:
             ],
             network="user" if self.nics else "none",
             balloon=True,
+            cdrom=cdrom,
+            boot_order="d" if cdrom else None,
+            display=self.display,
         )
         config.validate()
         return config

@@ -67,6 +67,15 @@ def _affect(live: bool | None, config: bool | None, running: bool, name: str) ->
     return bool(live), bool(config)
 
 
+def _prints_ready_marker(definition: Definition) -> bool:
+    """True when the guest announces itself with the guest kit's ready marker: it boots
+    the kit, or a disk installed from kvmkit's installer ISO."""
+    boot = definition.boot
+    if boot.kind == "disk":
+        return boot.ready_marker
+    return bool(boot.initrd) and Path(str(boot.initrd)).is_relative_to(guestkit.kits_dir())
+
+
 class Domain:
     """One defined domain in ``store``.  Verbs that change it take the domain's lock."""
 
@@ -212,8 +221,7 @@ class Domain:
         )
         self.store.write_state(self.name, state)
         ready: bool | None = None
-        initrd = definition.boot.initrd
-        if wait_ready > 0 and initrd and Path(initrd).is_relative_to(guestkit.kits_dir()):
+        if wait_ready > 0 and _prints_ready_marker(definition):
             try:
                 await machine.wait_ready(wait_ready)
                 ready = True

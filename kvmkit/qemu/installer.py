@@ -147,9 +147,7 @@ exec switch_root /newroot /init
 
 def _require(path: str, package: str) -> Path:
     if not Path(path).exists():
-        raise GuestKitError(
-            f"{path} is missing", hint=f"install it: `apt-get install {package}`"
-        )
+        raise GuestKitError(f"{path} is missing", hint=f"install it: `apt-get install {package}`")
     return Path(path)
 
 
@@ -326,23 +324,23 @@ def _gzip(entries: list[cpio.Entry]) -> bytes:
     return gzip.compress(cpio.pack(entries), compresslevel=6, mtime=0)
 
 
-def scan_console(text: str) -> tuple[str, int, str] | None:
-    """The installer's last report in console ``text``: ("step", n, what), ("done", N, ""),
-    ("failed", 0, why), or None when it said nothing yet."""
-    last: tuple[str, int, str] | None = None
+def scan_console(text: str) -> list[tuple[str, int, str]]:
+    """The installer's reports in console ``text``, in order: ("step", n, what),
+    ("done", N, "") or ("failed", 0, why)."""
+    reports: list[tuple[str, int, str]] = []
     for line in text.splitlines():
         line = line.strip()
         if line.startswith(STEP_MARKER + " "):
             number, _, what = line[len(STEP_MARKER) + 1 :].partition(" ")
             try:
-                last = ("step", int(number.split("/")[0]), what)
+                reports.append(("step", int(number.split("/")[0]), what))
             except ValueError:
                 continue
         elif line == DONE_MARKER:
-            last = ("done", INSTALL_STEPS, "")
+            reports.append(("done", INSTALL_STEPS, ""))
         elif line.startswith(FAILED_MARKER):
-            last = ("failed", 0, line[len(FAILED_MARKER) :].lstrip(": "))
-    return last
+            reports.append(("failed", 0, line[len(FAILED_MARKER) :].lstrip(": ")))
+    return reports
 
 
 __all__ = ["build_iso", "scan_console", "DONE_MARKER", "FAILED_MARKER", "INSTALL_STEPS"]
