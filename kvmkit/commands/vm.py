@@ -104,6 +104,7 @@ def _definition_from_args(args: argparse.Namespace) -> Any:
         accel=args.accel or "auto",
         boot=boot,
         nics=[Nic()] if args.network == "user" else [],
+        display=args.display or "none",
     )
     for path in args.disk or []:
         definition.disks.append(disks.new_disk(definition, path, None, None, False, set()))
@@ -150,12 +151,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            report = await dom.start(wait_ready=args.wait)
+            report = await dom.start(wait_ready=args.wait, display=args.display)
         except BaseException:
             if new:  # a domain that never ran is not kept defined
                 dom.store.remove(dom.name)
             raise
         _say(f"Domain {dom.name} started: pid {report.pid}, accelerator {report.accel}")
+        if args.display == "vnc" or (args.display is None and dom.definition.display == "vnc"):
+            _say(f"Domain {dom.name}: display {await dom.display_uri()}")
         if report.ready:
             _say(f"Domain {dom.name}: guest ready")
         elif report.ready is False:
@@ -292,6 +295,18 @@ def cmd_domblklist(args: argparse.Namespace) -> int:
         return 0
 
     return _run(main)
+
+
+def cmd_domdisplay(args: argparse.Namespace) -> int:
+    _say(_run(_domain(args.name).display_uri))
+    return 0
+
+
+def cmd_screenshot(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    path = _run(lambda: dom.screenshot(args.out))
+    _say(f"Domain {args.name}: screen saved to {path}")
+    return 0
 
 
 # -- console / qmp ----------------------------------------------------------------------------
@@ -596,6 +611,9 @@ def _add_define_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", choices=("pc", "q35", "microvm"))
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"))
     p.add_argument("--network", choices=("none", "user"))
+    p.add_argument(
+        "--display", choices=("none", "vnc"), help="vnc: a VNC screen on 127.0.0.1 (domdisplay)"
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -670,6 +688,9 @@ def _register_information(v: _Verbs) -> None:
     p = v.named("domblklist", cmd_domblklist, "list disks: target and source")
     p.add_argument("--inactive", action="store_true", help="the definition's disks")
     p.add_argument("--json", action="store_true")
+    v.named("domdisplay", cmd_domdisplay, "print the VNC display's URI (vnc://127.0.0.1:PORT)")
+    p = v.named("screenshot", cmd_screenshot, "save the guest's screen as PNG (QMP screendump)")
+    p.add_argument("out", help="the PNG file to write")
     p = v.named("console", cmd_console, "attach to the serial console (Ctrl-] leaves)")
     p.add_argument(
         "--command", "-c", dest="shell", help="run one shell command in the guest, print its output"

@@ -21,6 +21,7 @@ after checking it is still that QEMU, so a stale PID never reaches another proce
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from kvmkit.domains.errors import DefinitionError, DomainError, UntrustedStateEr
 from kvmkit.domains.process import Identity, TrustedProcess
 from kvmkit.domains.store import DomainStore, RunState
 from kvmkit.qemu import guestkit, hotplug, migration, snapshot
+from kvmkit.qemu.config import DISPLAYS
 from kvmkit.qemu.console import SerialConsole
 from kvmkit.qemu.errors import ConsoleTimeout
 from kvmkit.qemu.machine import QemuMachine
@@ -65,6 +67,11 @@ def _affect(live: bool | None, config: bool | None, running: bool, name: str) ->
     if live and not running:
         raise DomainError(f"domain {name} is not running", hint="drop --live, or start it")
     return bool(live), bool(config)
+
+
+def _check_display(display: str) -> None:
+    if display not in DISPLAYS:
+        raise DefinitionError(f"display is {display!r}; use one of {', '.join(DISPLAYS)}")
 
 
 def _prints_ready_marker(definition: Definition) -> bool:
@@ -176,12 +183,15 @@ class Domain:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self, *, wait_ready: float = 60.0) -> StartReport:
+    async def start(self, *, wait_ready: float = 60.0, display: str | None = None) -> StartReport:
         """Launch QEMU from the definition, detached; record it; wait up to
         ``wait_ready`` s for the guest kit's ready marker (0: don't); then set the
-        balloon to the definition's current memory.  Refuses when a QEMU runs or the
-        state file cannot be trusted."""
+        balloon to the definition's current memory.  ``display`` (``none``/``vnc``)
+        overrides the definition's display for this run.  Refuses when a QEMU runs or
+        the state file cannot be trusted."""
         check_finite(wait_ready, "wait_ready (s)", 0, 3600)
+        if display is not None:
+            _check_display(display)
         with self.store.lock(self.name):
             state, proc = self._running()
             if proc is not None:
@@ -190,6 +200,8 @@ class Domain:
             if state is not None:
                 self.store.clear_state(self.name, state)  # its QEMU is gone
             definition = self.definition
+            if display is not None:
+                definition.display = display
             machine = QemuMachine(
                 definition.machine_config(),
                 directory=self.store.new_run_dir(self.name),
@@ -412,6 +424,40 @@ class Domain:
                 with contextlib.suppress(ExecuteError):
                     info["used_memory_mib"] = (await qmp.execute("query-balloon"))["actual"] // MIB
         return info
+
+    # -- display -----------------------------------------------------------------------------
+
+    async def display_uri(self) -> str:
+        """virsh ``domdisplay``: the running guest's VNC address, ``vnc://127.0.0.1:5900``
+        (a port; QEMU listens on the loopback only).  DomainError when it has none."""
+        async with self.qmp() as qmp:
+            vnc = await qmp.execute("query-vnc")
+        if not vnc.get("enabled") or not vnc.get("service"):
+            raise DomainError(
+                f"domain {self.name} has no graphical display",
+                hint="start it with --display vnc",
+            )
+        host = vnc.get("host", "127.0.0.1")
+        return f"vnc://{'[' + host + ']' if ':' in host else host}:{vnc['service']}"
+
+    async def screenshot(self, out: str | Path) -> Path:
+        """virsh ``screenshot``: the guest's screen as a PNG file at ``out`` (QMP
+        ``screendump`` with ``format: png``, QEMU >= 7.1), replaced atomically."""
+        target = Path(out).absolute()
+        if not target.parent.is_dir():
+            raise DomainError(f"{target.parent} is not a directory")
+        shot = self.run_path("screen.png")  # QEMU writes into its own run folder
+        try:
+            async with self.qmp() as qmp:
+                if not (await qmp.execute("query-vnc")).get("enabled"):
+                    raise DomainError(
+                        f"domain {self.name} has no screen", hint="start it with --display vnc"
+                    )
+                await qmp.execute("screendump", {"filename": str(shot), "format": "png"})
+            shutil.move(str(shot), str(target))
+        finally:
+            shot.unlink(missing_ok=True)
+        return target
 
     # -- console and QMP -----------------------------------------------------------------------
 
