@@ -436,6 +436,20 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_autostart(args: argparse.Namespace) -> int:
     from kvmkit.domains import start_autostart
 
+    if args.install_unit or args.uninstall_unit:
+        from pathlib import Path
+
+        from kvmkit.domains import autostart
+
+        unit_dir = Path(args.unit_dir) if args.unit_dir else None
+        if args.install_unit:
+            path = autostart.install_unit(unit_dir)
+            _say(f"installed and enabled {path}: `kvmkit vm autostart --run` at boot")
+        elif autostart.uninstall_unit(unit_dir):
+            _say(f"removed {autostart.UNIT_NAME}")
+        else:
+            _say(f"{autostart.UNIT_NAME} was not installed")
+        return 0
     if args.run:
         started = _run(lambda: start_autostart(wait_ready=args.wait))
         _say(f"autostart: started {len(started)} domain(s) {' '.join(started)}".rstrip())
@@ -664,6 +678,12 @@ def _register_lifecycle(v: _Verbs) -> None:
     p.add_argument("--disable", action="store_true")
     p.add_argument("--run", action="store_true")
     p.add_argument("--wait", type=SECONDS, default=0.0, help="with --run: seconds per guest kit")
+    unit = p.add_mutually_exclusive_group()
+    unit.add_argument(
+        "--install-unit", action="store_true", help="systemd unit running --run at boot"
+    )
+    unit.add_argument("--uninstall-unit", action="store_true", help="remove that unit")
+    p.add_argument("--unit-dir", help="unit folder (default /etc/systemd/system)")
 
 
 def _register_create(v: _Verbs) -> None:

@@ -12,6 +12,7 @@
 
 Modules: :mod:`.definition` (the persistent definition and its JSON format),
 :mod:`.install` (virt-install ``--cdrom``: install from an ISO onto a new disk),
+:mod:`.autostart` (the systemd unit that starts autostart domains at boot),
 :mod:`.store` (folders, atomic state files, locks), :mod:`.process` (a recorded QEMU,
 verified before any signal), :mod:`.domain` (the verbs), :mod:`.disks` (targets and
 sources, clones), :mod:`.errors`.
