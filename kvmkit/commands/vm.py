@@ -84,6 +84,7 @@ _DEFINE_OPTIONS += ("maxcpus", "disk", "machine", "accel", "network", "boot")
 
 def _definition_from_args(args: argparse.Namespace) -> Any:
     from kvmkit.domains import Boot, Definition, Nic, disks, guest_kit_boot
+    from kvmkit.domains.definition import new_mac
 
     if args.boot == "disk":
         boot = Boot("disk")
@@ -103,7 +104,7 @@ def _definition_from_args(args: argparse.Namespace) -> Any:
         machine=args.machine or "pc",
         accel=args.accel or "auto",
         boot=boot,
-        nics=[Nic()] if args.network == "user" else [],
+        nics=[Nic(mac=new_mac(set()))] if args.network == "user" else [],
         display=args.display or "none",
     )
     for path in args.disk or []:
@@ -171,6 +172,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_create(args: argparse.Namespace) -> int:
     """virt-install --cdrom: define, create the disk, run the installer to power-off."""
     from kvmkit.domains import Boot, Definition, Nic, install
+    from kvmkit.domains.definition import new_mac
 
     spec = install.parse_disk_spec(args.disk)
     definition = Definition(
@@ -180,7 +182,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         vcpus=args.cpus or 1,
         machine=args.machine or "pc",
         accel=args.accel or "auto",
-        nics=[Nic()] if args.network == "user" else [],
+        nics=[Nic(mac=new_mac(set()))] if args.network == "user" else [],
         display=args.display or "none",
     ).validate()
     ui = _ui()
@@ -519,6 +521,60 @@ def cmd_detach_disk(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- vCPUs and NICs ------------------------------------------------------------------------------
+
+
+def cmd_setvcpus(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    count = _run(
+        lambda: dom.set_vcpus(args.count, live=args.live, config=args.config, maximum=args.maximum)
+    )
+    if args.maximum:
+        _say(f"Domain {args.name}: at most {args.count} vCPUs from the next start")
+    elif args.config and not args.live:
+        _say(f"Domain {args.name}: {count} vCPUs from the next start")
+    else:
+        _say(f"Domain {args.name}: {count} vCPUs online")
+    return 0
+
+
+def cmd_attach_interface(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    live, config = _affect_args(dom, args)
+    nic = _run(
+        lambda: dom.attach_interface(
+            type=args.type, model=args.model, mac=args.mac, live=live, config=config
+        )
+    )
+    _say(f"Domain {args.name}: interface {nic.mac} attached ({nic.model} on {nic.network})")
+    return 0
+
+
+def cmd_detach_interface(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    live, config = _affect_args(dom, args)
+    mac = _run(
+        lambda: dom.detach_interface(
+            type=args.type, mac=args.mac, live=live, config=config, timeout=args.timeout
+        )
+    )
+    _say(f"Domain {args.name}: interface {mac} detached")
+    return 0
+
+
+def cmd_domiflist(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    rows = _run(lambda: dom.interfaces(inactive=args.inactive))
+    if args.json:
+        _ui().print_json(rows)
+    else:
+        _ui().print_table(
+            ["MAC", "Type", "Model"],
+            [[r["mac"] or "(QEMU default)", r["type"], r["model"]] for r in rows],
+        )
+    return 0
+
+
 # -- snapshots, clone, migrate -------------------------------------------------------------------
 
 
@@ -742,6 +798,26 @@ def _register_devices(v: _Verbs) -> None:
     _add_affect_options(p, persistent=True)
 
 
+def _register_cpus_and_nics(v: _Verbs) -> None:
+    p = v.named("setvcpus", cmd_setvcpus, "vCPUs: hotplug (--live) and/or next start (--config)")
+    p.add_argument("count", type=COUNT)
+    p.add_argument("--maximum", action="store_true", help="the hotplug ceiling (with --config)")
+    _add_affect_options(p, persistent=False)
+    p = v.named("attach-interface", cmd_attach_interface, "add a virtio NIC on a user network")
+    p.add_argument("--type", choices=("user",), default="user")
+    p.add_argument("--model", choices=("virtio",), default="virtio")
+    p.add_argument("--mac", help="52:54:00:xx:xx:xx (default: a new random one)")
+    _add_affect_options(p, persistent=True)
+    p = v.named("detach-interface", cmd_detach_interface, "remove a NIC (by --mac)")
+    p.add_argument("--type", choices=("user",), default="user")
+    p.add_argument("--mac", help="which NIC (needed when there are several)")
+    p.add_argument("--timeout", type=SECONDS, default=15.0)
+    _add_affect_options(p, persistent=True)
+    p = v.named("domiflist", cmd_domiflist, "list NICs: MAC, type, model")
+    p.add_argument("--inactive", action="store_true", help="the definition's NICs")
+    p.add_argument("--json", action="store_true")
+
+
 def _register_images(v: _Verbs) -> None:
     p = v.named("snapshot", cmd_snapshot, "save an internal snapshot (or --list / --delete)")
     p.add_argument("tag", nargs="?")
@@ -770,6 +846,7 @@ def register(subparsers: Any) -> None:
     _register_create(verbs)
     _register_information(verbs)
     _register_devices(verbs)
+    _register_cpus_and_nics(verbs)
     _register_images(verbs)
 
 

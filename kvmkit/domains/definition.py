@@ -31,14 +31,16 @@ a file that does not pass is refused with the field that is wrong, never half-us
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from kvmkit.domains.errors import DefinitionError
+from kvmkit.qemu import config as qemu_config
 from kvmkit.qemu import guestkit
-from kvmkit.qemu.config import DISPLAYS, MACHINE_TYPES, Drive, MachineConfig, MachineType
+from kvmkit.qemu.config import DISPLAYS, MAC, MACHINE_TYPES, Drive, MachineConfig, MachineType
 
 VERSION = 1
 MIB = 1 << 20
@@ -46,6 +48,7 @@ MIN_MEMORY_MIB = 16
 MAX_MEMORY_MIB = 16 << 20  # 16 TiB
 MAX_VCPUS = 255  # the pc/q35 limit without x2APIC/IOMMU tricks
 MAX_NAME = 64
+MAX_NICS = 8
 #: Domain names: printable, no '/', no whitespace, not starting with '.' or '-'.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 #: virsh's disk targets for virtio: vda ... vdz, vdaa ...
@@ -124,14 +127,37 @@ class Disk:
 
 @dataclass
 class Nic:
-    """One network card: a virtio NIC on a QEMU user-mode network."""
+    """One network card: a virtio NIC on a QEMU user-mode network, named by its ``mac``
+    (virsh's handle for ``detach-interface``).  A NIC without one (older definitions)
+    is QEMU's ``nic0`` with QEMU's default MAC."""
 
     model: str = "virtio"
     network: str = "user"
+    mac: str | None = None
 
     def validate(self) -> None:
         _check_choice(self.model, "NIC model", ("virtio",))
         _check_choice(self.network, "NIC network", NETWORKS)
+        if self.mac is not None:
+            check_mac(self.mac)
+
+
+def check_mac(mac: Any) -> str:
+    """``mac`` in QEMU's spelling (lower case) if it is a unicast MAC address."""
+    text = str(mac).lower()
+    if not MAC.fullmatch(text) or int(text[:2], 16) & 1:
+        raise DefinitionError(
+            f"bad MAC address {mac!r}", hint="a unicast address, e.g. 52:54:00:12:34:56"
+        )
+    return text
+
+
+def new_mac(taken: set[str]) -> str:
+    """A random MAC in QEMU's 52:54:00 range that is not in ``taken``."""
+    while True:
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+        if mac not in taken:
+            return mac
 
 
 @dataclass
@@ -211,8 +237,13 @@ class Definition:
             raise DefinitionError(f"disk targets must be unique: {targets}")
         for nic in self.nics:
             nic.validate()
-        if len(self.nics) > 1:
-            raise DefinitionError("at most one NIC for now")
+        if len(self.nics) > MAX_NICS:
+            raise DefinitionError(f"{len(self.nics)} NICs; at most {MAX_NICS}")
+        macs = [n.mac for n in self.nics if n.mac]
+        if len(set(macs)) != len(macs):
+            raise DefinitionError(f"NIC MAC addresses must be unique: {macs}")
+        if sum(1 for n in self.nics if not n.mac) > 1:
+            raise DefinitionError("at most one NIC without a MAC address")
         return self
 
     # -- lookups -------------------------------------------------------------------------
@@ -287,7 +318,8 @@ class Definition:
                 )
                 for d in self.disks
             ],
-            network="user" if self.nics else "none",
+            network="user" if any(not n.mac for n in self.nics) else "none",
+            nics=[qemu_config.Nic(n.mac) for n in self.nics if n.mac],
             balloon=True,
             cdrom=cdrom,
             boot_order="d" if cdrom else None,

@@ -58,6 +58,27 @@ class Drive:
         self.path = str(self.path)
 
 
+#: A MAC address as QEMU and virsh write it; QEMU's locally administered prefix 52:54:00.
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def nic_id(mac: str) -> str:
+    """The QEMU device id of the NIC with ``mac`` (its netdev is ``<id>-net``)."""
+    return "nic-" + mac.replace(":", "")
+
+
+@dataclass
+class Nic:
+    """A virtio NIC on its own user-mode netdev: device ``nic-<mac digits>``, netdev
+    ``<device id>-net``."""
+
+    mac: str
+
+    @property
+    def id(self) -> str:
+        return nic_id(self.mac)
+
+
 @dataclass
 class MachineConfig:
     """Everything needed to start one QEMU guest.
@@ -89,6 +110,7 @@ class MachineConfig:
     cdrom: str | None = None
     boot_order: str | None = None
     display: str = "none"
+    nics: list[Nic] = field(default_factory=list)
     hotplug_ports: int = 4
     extra_args: list[str] = field(default_factory=list)
     qemu_binary: str = "qemu-system-x86_64"
@@ -123,6 +145,12 @@ class MachineConfig:
                 )
         if self.initrd and not self.kernel:
             raise QemuError("an initrd needs a kernel")
+        macs = [n.mac for n in self.nics]
+        for mac in macs:
+            if not MAC.fullmatch(str(mac)) or int(str(mac)[:2], 16) & 1:
+                raise QemuError(f"bad MAC address {mac!r}", hint="unicast, e.g. 52:54:00:12:34:56")
+        if len(set(macs)) != len(macs):
+            raise QemuError(f"NIC MAC addresses must be unique: {macs}")
         if self.display not in DISPLAYS:
             raise QemuError(f"unknown display {self.display!r}", hint=f"use one of {DISPLAYS}")
         if self.boot_order is not None and not _BOOT_ORDER.fullmatch(self.boot_order):
@@ -145,6 +173,7 @@ class MachineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["drives"] = [Drive(**d) for d in values.get("drives", [])]
+        values["nics"] = [Nic(**n) for n in values.get("nics", [])]
         return cls(**values)
 
     @property
@@ -250,6 +279,9 @@ def build_command(
         cmd += ["-device", "ide-cd,drive=cdrom0,id=cdrom0"]
     if config.network == "user":
         cmd += ["-netdev", "user,id=net0", "-device", f"{config.virtio('net')},netdev=net0,id=nic0"]
+    for nic in config.nics:
+        cmd += ["-netdev", f"user,id={nic.id}-net"]
+        cmd += ["-device", f"{config.virtio('net')},netdev={nic.id}-net,id={nic.id},mac={nic.mac}"]
     if config.balloon:
         cmd += ["-device", f"{config.virtio('balloon')},id=balloon0"]
     if paused:
