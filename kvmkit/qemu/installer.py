@@ -47,9 +47,9 @@ INSTALL_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 BOOT_MODULES = (*guestkit.MODULES, "crc32c_generic", "ext4")
 #: Host programs the installer runs (copied with the shared libraries ``ldd`` names).
 HOST_TOOLS = {
-    "usr/sbin/sfdisk": ("sfdisk", "fdisk"),
-    "usr/sbin/mke2fs": ("mke2fs", "e2fsprogs"),
-    "usr/sbin/extlinux": ("extlinux", "extlinux"),
+    "sbin/sfdisk": ("sfdisk", "fdisk"),
+    "sbin/mke2fs": ("mke2fs", "e2fsprogs"),
+    "sbin/extlinux": ("extlinux", "extlinux"),
 }
 #: Boot files from Debian's syslinux packages: (path on the host, package).
 ISOLINUX_BIN = ("/usr/lib/ISOLINUX/isolinux.bin", "isolinux")
@@ -70,7 +70,7 @@ ISO_STEPS = (
 )
 
 _COMMON_INIT = """#!/bin/sh
-export PATH=/bin:/sbin:/usr/sbin
+export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -95,10 +95,10 @@ part={ROOT_PARTITION}
 step 1 "find the disk $disk"
 wait_block $disk || fail "no disk $disk (attach a virtio disk)"
 step 2 "partition $disk (sfdisk, MBR, one bootable Linux partition)"
-echo ',,L,*' | /usr/sbin/sfdisk -q --label dos $disk || fail "sfdisk $disk"
+echo ',,L,*' | /sbin/sfdisk -q --label dos $disk || fail "sfdisk $disk"
 wait_block $part || fail "no partition $part after sfdisk"
 step 3 "make ext4 on $part (mke2fs)"
-/usr/sbin/mke2fs -q -F -t ext4 -O ^64bit,^metadata_csum -L kvmkit-root $part || fail "mke2fs $part"
+/sbin/mke2fs -q -F -t ext4 -O ^64bit,^metadata_csum -L kvmkit-root $part || fail "mke2fs $part"
 step 4 "copy the root file system"
 mkdir -p /target
 mount -t ext4 $part /target || fail "mount $part"
@@ -116,7 +116,7 @@ LABEL kvmkit
   APPEND {BOOT_APPEND}
 EOF
 step 5 "install the boot loader (extlinux, syslinux MBR)"
-/usr/sbin/extlinux --install /target/boot/extlinux || fail "extlinux --install"
+/sbin/extlinux --install /target/boot/extlinux || fail "extlinux --install"
 dd if=/payload/mbr.bin of=$disk bs=440 count=1 conv=notrunc 2>/dev/null || fail "write MBR"
 step 6 "power off"
 umount /target || fail "umount $part"
@@ -221,10 +221,18 @@ def _base(busybox: Path, init: str, modules: list[tuple[str, bytes]]) -> _Tree:
     return tree
 
 
-def root_filesystem(busybox: Path, kernel_version: str) -> list[cpio.Entry]:
+def root_filesystem(
+    busybox: Path, kernel_version: str, tools: list[cpio.Entry]
+) -> list[cpio.Entry]:
     """The installed system: the guest kit's busybox tree and init (no modules: the boot
-    initramfs loaded them), /etc/os-release, an empty /boot."""
+    initramfs loaded them), ``tools`` (sfdisk, mke2fs and ``mkfs.ext4``, which busybox
+    lacks, for the course's fdisk/mkfs.ext4/mount on a new disk), /etc/os-release, an
+    empty /boot."""
     tree = _base(busybox, guestkit.INIT_SCRIPT, [])
+    tree.extend(tools)
+    tree.add(cpio.symlink("sbin/mkfs.ext4", "mke2fs"))
+    if Path(MKE2FS_CONF).exists():
+        tree.add(cpio.file("etc/mke2fs.conf", Path(MKE2FS_CONF).read_bytes()))
     release = (
         'PRETTY_NAME="kvmkit guest (busybox, installed from the kvmkit ISO)"\n'
         'NAME="kvmkit guest"\nID=kvmkit\nVERSION_ID=1\n'
@@ -278,7 +286,7 @@ def build_iso(
 
         step(3)
         boot_initrd = _base(busybox, BOOT_SCRIPT, load_order(BOOT_MODULES, index))
-        rootfs = root_filesystem(busybox, kernel_version)
+        rootfs = root_filesystem(busybox, kernel_version, tools)
 
         step(4)
         installer = _base(busybox, INSTALL_SCRIPT, load_order(INSTALL_MODULES, index))
