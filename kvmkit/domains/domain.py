@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from kvmkit.domains import disks
+from kvmkit.domains import disks, mirror
 from kvmkit.domains.definition import (
     MAX_VCPUS,
     MIB,
@@ -742,12 +742,12 @@ class Domain:
         options: migration.MigrationOptions | None,
         progress: migration.Progress | None,
     ) -> migration.MigrationStats:
-        """Launch a destination with the source's devices (its launch configuration, the
-        disks that are still there, and those hot-added since, plugged in the same
-        order), migrate into it, and record it as the domain's QEMU."""
+        """Launch a destination with the source's devices (its launch configuration, and
+        the disks, NICs and CPUs hot-added since: :mod:`.mirror`), migrate into it, and
+        record it as the domain's QEMU."""
         async with self.qmp() as src:
-            live = await disks.live_disks(src)
-        config, hot = disks.mirror_config(state.config, live)
+            hot = await mirror.hot_devices(src, state.config)
+        config = hot.config
         dest = QemuMachine(
             config,
             directory=self.store.new_run_dir(self.name, keep=state.run_dir),
@@ -757,8 +757,7 @@ class Domain:
         )
         await dest.launch()
         try:
-            for disk in hot:
-                await hotplug.add_disk(dest.qmp, disk.path, fmt=disk.format, disk_id=disk.node)
+            await mirror.replay(dest.qmp, hot)
             async with self.qmp() as src:
                 uri = await migration.prepare_incoming(dest.qmp, migration.local_uri(dest), options)
                 stats = await migration.migrate(

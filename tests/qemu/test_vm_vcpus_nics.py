@@ -68,6 +68,13 @@ def test_vcpus_and_interfaces(
         listed = json.loads(_ok(capsys, "domiflist", "hp", "--json"))
         assert [n["mac"] for n in listed] == [MAC]
 
+        # A local migration carries the hot-added CPU and NIC along (the destination
+        # plugs them before the state arrives, or it refuses the stream).
+        assert "completed" in _ok(capsys, "migrate", "hp")
+        assert _guest(capsys, "cat /sys/devices/system/cpu/online") == "0-1"
+        assert MAC in _guest(capsys, "cat /sys/class/net/*/address")
+        assert json.loads(_ok(capsys, "dominfo", "hp", "--json"))["cpus"] == 2
+
         # Restart: the definition has 3 vCPUs and the NIC.
         _ok(capsys, "destroy", "hp")
         _ok(capsys, "start", "hp", "--quiet")
