@@ -111,3 +111,33 @@ def test_create_refuses_bad_input(
         taken.unlink()
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_create_times_out_on_an_iso_that_never_powers_off(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    qemu_base: Path,
+    tmp_path: Path,
+) -> None:
+    if shutil.which("xorriso") is None:
+        pytest.skip("xorriso missing: run scripts/ensure-sysdeps.sh")
+    import subprocess
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "README").write_text("not bootable\n")
+    plain = tmp_path / "plain.iso"
+    subprocess.run(
+        ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(plain), str(tmp_path / "root")],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    state = qemu_base / "install-timeout"
+    monkeypatch.setenv("KVMKIT_STATE_DIR", str(state))
+    try:
+        status = main(["vm", "create", "never", "--cdrom", str(plain), "--disk", "size=32M",
+                       "--memory", "64M", "--timeout", "3"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert status != 0 and "did not finish within 3 s" in err
+        assert not DomainStore().exists("never")  # nothing left defined, no disk kept
+        assert not (state / "vms" / "never").exists()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
