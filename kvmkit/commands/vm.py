@@ -191,7 +191,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 
         def show(what: str, step: int, total: int) -> None:
             label = f"[{step}/{total}] {what}" if total else what
-            if not ui.err_console.is_terminal and total and label not in seen:
+            if what.startswith("display "):
+                ui.err_console.print(f"install: {what}")  # where to watch a graphical one
+            elif not ui.err_console.is_terminal and total and label not in seen:
                 ui.err_console.print(f"install: {label}")  # one line per step elsewhere
             seen.append(label)
             advance(0, description=f"installing {args.name}: {label}")

@@ -20,7 +20,7 @@ format (version 1)::
       "display": "none",           # none | vnc (VNC on 127.0.0.1, see domdisplay)
       "disks": [{"source": "/abs/a.qcow2", "target": "vda", "format": "qcow2",
                  "bus": "virtio", "readonly": false}],
-      "nics": [{"model": "virtio", "network": "user"}],
+      "nics": [{"model": "virtio", "network": "user", "mac": "52:54:00:12:34:56"}],
       "autostart": false
     }
 

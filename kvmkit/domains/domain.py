@@ -73,6 +73,15 @@ def _affect(live: bool | None, config: bool | None, running: bool, name: str) ->
     return bool(live), bool(config)
 
 
+async def vnc_uri(qmp: QMPClient) -> str | None:
+    """``vnc://HOST:PORT`` of the QEMU's VNC server (``query-vnc``), None without one."""
+    vnc = await qmp.execute("query-vnc")
+    if not vnc.get("enabled") or not vnc.get("service"):
+        return None
+    host = str(vnc.get("host", "127.0.0.1"))
+    return f"vnc://{'[' + host + ']' if ':' in host else host}:{vnc['service']}"
+
+
 def _check_count(count: int) -> int:
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_VCPUS:
         raise DefinitionError(f"vCPU count {count!r} is out of range [1, {MAX_VCPUS}]")
@@ -616,14 +625,13 @@ class Domain:
         """virsh ``domdisplay``: the running guest's VNC address, ``vnc://127.0.0.1:5900``
         (a port; QEMU listens on the loopback only).  DomainError when it has none."""
         async with self.qmp() as qmp:
-            vnc = await qmp.execute("query-vnc")
-        if not vnc.get("enabled") or not vnc.get("service"):
+            uri = await vnc_uri(qmp)
+        if uri is None:
             raise DomainError(
                 f"domain {self.name} has no graphical display",
                 hint="start it with --display vnc",
             )
-        host = vnc.get("host", "127.0.0.1")
-        return f"vnc://{'[' + host + ']' if ':' in host else host}:{vnc['service']}"
+        return uri
 
     async def screenshot(self, out: str | Path) -> Path:
         """virsh ``screenshot``: the guest's screen as a PNG file at ``out`` (QMP

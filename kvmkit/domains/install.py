@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from kvmkit.domains.definition import Boot, Definition, Disk, check_finite
+from kvmkit.domains.domain import vnc_uri
 from kvmkit.domains.errors import DomainError, InstallError
 from kvmkit.domains.store import DomainStore
 from kvmkit.qemu import installer, qemu_img
@@ -152,6 +153,8 @@ async def _run_installer(
     shown = 0
     start = time.monotonic()
     async with machine:
+        if config.display == "vnc" and progress is not None:
+            progress(f"display {await vnc_uri(machine.qmp)}", 0, 0)
         while True:
             try:
                 await machine.wait_exit(0.5)

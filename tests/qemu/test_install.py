@@ -9,6 +9,7 @@ disk ~10 s; the module builds one ISO for its tests.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,9 +135,10 @@ def test_create_times_out_on_an_iso_that_never_powers_off(
     monkeypatch.setenv("KVMKIT_STATE_DIR", str(state))
     try:
         status = main(["vm", "create", "never", "--cdrom", str(plain), "--disk", "size=32M",
-                       "--memory", "64M", "--timeout", "3"])  # fmt: skip
+                       "--memory", "64M", "--timeout", "3", "--display", "vnc"])  # fmt: skip
         err = capsys.readouterr().err
         assert status != 0 and "did not finish within 3 s" in err
+        assert re.search(r"install: display vnc://127\.0\.0\.1:59\d\d\n", err)  # to watch it
         assert not DomainStore().exists("never")  # nothing left defined, no disk kept
         assert not (state / "vms" / "never").exists()
     finally:
