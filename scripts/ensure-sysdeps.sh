@@ -22,8 +22,8 @@ declare -A need=(
     [/usr/lib/ISOLINUX/isolinux.bin]=isolinux
     [/usr/lib/syslinux/modules/bios/ldlinux.c32]=syslinux-common
     [extlinux]=extlinux
-    [sfdisk]=fdisk
-    [mke2fs]=e2fsprogs
+    [/usr/sbin/sfdisk]=fdisk  # sbin: not on a user's PATH
+    [/usr/sbin/mke2fs]=e2fsprogs
 )
 missing=()
 for thing in "${!need[@]}"; do
