@@ -14,7 +14,8 @@ so an installer's final reboot ends it too).  kvmkit's own installer
 ``progress`` and a reported failure is an :class:`InstallError`.  Any other installer is
 waited for until it powers off (use ``display="vnc"`` in the definition to see a
 graphical one through ``domdisplay``).  On failure or cancellation the domain and the
-disk it created are removed.  The console output is kept in ``<domain>/install.log``.
+disk it created are removed, and the error carries the console's last lines; after a
+successful install the console output is kept in ``<domain>/install.log``.
 """
 
 from __future__ import annotations
@@ -172,17 +173,25 @@ async def _run_installer(
             if elapsed > timeout:
                 raise InstallError(
                     f"the installer of {definition.name} did not finish within {timeout:g} s",
-                    hint=f"its console output is in {log}",
+                    hint=_last_output(machine),
                 )
         reports = installer.scan_console(machine.console.transcript)
+        last_output = _last_output(machine)
     report = reports[-1] if reports else None
     if report is not None and report[0] == "failed":
-        raise InstallError(f"the installer failed: {report[2]}", hint=f"see {log}")
+        raise InstallError(f"the installer failed: {report[2]}", hint=last_output)
     if report is not None and report[0] != "done":
         raise InstallError(
             f"the installer stopped at step {report[1]} ({report[2]}) without finishing",
-            hint=f"see {log}",
+            hint=last_output,
         )
     if progress is not None:
         progress("powered off", installer.INSTALL_STEPS, installer.INSTALL_STEPS)
     return "kvmkit" if report is not None else "other"
+
+
+def _last_output(machine: QemuMachine) -> str:
+    """The installer's last console lines, for an error (the domain's folder, and the
+    install.log in it, is removed when the install fails)."""
+    tail = machine.console.tail(5).strip()
+    return f"its console ended: {tail!r}" if tail else "it printed nothing on ttyS0"
