@@ -12,8 +12,8 @@ this process owns, and returns when the guest powers off (QEMU runs with ``-no-r
 so an installer's final reboot ends it too).  kvmkit's own installer
 (:mod:`kvmkit.qemu.installer`) reports its steps on the serial console; they reach
 ``progress`` and a reported failure is an :class:`InstallError`.  Any other installer is
-waited for until it powers off (use ``display="vnc"`` in the definition to see a
-graphical one through ``domdisplay``).  On failure or cancellation the domain and the
+waited for until it powers off (with ``display="vnc"`` in the definition, ``progress``
+first gets ``display vnc://...``: where to watch a graphical one).  On failure or cancellation the domain and the
 disk it created are removed, and the error carries the console's last lines; after a
 successful install the console output is kept in ``<domain>/install.log``.
 """
