@@ -17,11 +17,18 @@ declare -A need=(
     [iasl]=acpica-tools  # tests disassemble the runner's ACPI tables with it
     [lxc-create]=lxc
     [ip]=iproute2
+    # kvmkit guest iso: the installer ISO and what its installer runs
+    [xorriso]=xorriso
+    [/usr/lib/ISOLINUX/isolinux.bin]=isolinux
+    [/usr/lib/syslinux/modules/bios/ldlinux.c32]=syslinux-common
+    [extlinux]=extlinux
+    [/usr/sbin/sfdisk]=fdisk  # sbin: not on a user's PATH
+    [/usr/sbin/mke2fs]=e2fsprogs
 )
 missing=()
 for thing in "${!need[@]}"; do
     if [[ "$thing" == /* ]]; then
-        [[ -x "$thing" ]] || missing+=("${need[$thing]}")
+        [[ -e "$thing" ]] || missing+=("${need[$thing]}")
     else
         command -v "$thing" >/dev/null 2>&1 || missing+=("${need[$thing]}")
     fi

@@ -1,4 +1,5 @@
-"""``kvmkit guest build|info``: the Linux guest kit the QEMU half boots."""
+"""``kvmkit guest build|iso|info``: the Linux guest kit the QEMU half boots, and the
+installer ISO built from it."""
 
 from __future__ import annotations
 
@@ -62,6 +63,22 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iso(args: argparse.Namespace) -> int:
+    from kvmkit.qemu import installer
+
+    out = installer.build_iso(
+        Path(args.out),
+        args.kernel_version,
+        progress=None if args.quiet else _progress_printer(),
+    )
+    size = out.stat().st_size / 2**20
+    print(
+        f"installer ISO {out} ({size:.1f} MiB); install with `kvmkit vm create NAME "
+        f"--cdrom {out} --disk size=1G,format=qcow2`"
+    )
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from kvmkit.qemu import guestkit
 
@@ -98,6 +115,14 @@ def register(subparsers: Any) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--quiet", action="store_true", help="no progress display")
     build.set_defaults(func=_build)
+
+    iso = sub.add_parser("iso", help="build kvmkit's installer ISO (for `kvmkit vm create`)")
+    iso.add_argument("out", help="the ISO file to write")
+    iso.add_argument(
+        "--kernel-version", help="Debian kernel release (default: the guest kit's, else apt's)"
+    )
+    iso.add_argument("--quiet", action="store_true", help="no progress display")
+    iso.set_defaults(func=_iso)
 
     info = sub.add_parser("info", help="show the cached guest kits")
     info.add_argument("--json", action="store_true")

@@ -84,6 +84,7 @@ _DEFINE_OPTIONS += ("maxcpus", "disk", "machine", "accel", "network", "boot")
 
 def _definition_from_args(args: argparse.Namespace) -> Any:
     from kvmkit.domains import Boot, Definition, Nic, disks, guest_kit_boot
+    from kvmkit.domains.definition import new_mac
 
     if args.boot == "disk":
         boot = Boot("disk")
@@ -103,7 +104,8 @@ def _definition_from_args(args: argparse.Namespace) -> Any:
         machine=args.machine or "pc",
         accel=args.accel or "auto",
         boot=boot,
-        nics=[Nic()] if args.network == "user" else [],
+        nics=[Nic(mac=new_mac(set()))] if args.network == "user" else [],
+        display=args.display or "none",
     )
     for path in args.disk or []:
         definition.disks.append(disks.new_disk(definition, path, None, None, False, set()))
@@ -150,12 +152,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            report = await dom.start(wait_ready=args.wait)
+            report = await dom.start(wait_ready=args.wait, display=args.display)
         except BaseException:
             if new:  # a domain that never ran is not kept defined
                 dom.store.remove(dom.name)
             raise
         _say(f"Domain {dom.name} started: pid {report.pid}, accelerator {report.accel}")
+        if args.display == "vnc" or (args.display is None and dom.definition.display == "vnc"):
+            _say(f"Domain {dom.name}: display {await dom.display_uri()}")
         if report.ready:
             _say(f"Domain {dom.name}: guest ready")
         elif report.ready is False:
@@ -163,6 +167,50 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
 
     return _run(main)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """virt-install --cdrom: define, create the disk, run the installer to power-off."""
+    from kvmkit.domains import Boot, Definition, Nic, install
+    from kvmkit.domains.definition import new_mac
+
+    spec = install.parse_disk_spec(args.disk)
+    definition = Definition(
+        args.name,
+        boot=Boot("disk"),
+        memory_mib=(args.memory or 1024 * MiB) // MiB,
+        vcpus=args.cpus or 1,
+        machine=args.machine or "pc",
+        accel=args.accel or "auto",
+        nics=[Nic(mac=new_mac(set()))] if args.network == "user" else [],
+        display=args.display or "none",
+    ).validate()
+    ui = _ui()
+    with ui.progress(f"installing {args.name} from {args.cdrom}", total=None) as advance:
+        seen: list[str] = []
+
+        def show(what: str, step: int, total: int) -> None:
+            label = f"[{step}/{total}] {what}" if total else what
+            if what.startswith("display "):
+                ui.err_console.print(f"install: {what}")  # where to watch a graphical one
+            elif not ui.err_console.is_terminal and total and label not in seen:
+                ui.err_console.print(f"install: {label}")  # one line per step elsewhere
+            seen.append(label)
+            advance(0, description=f"installing {args.name}: {label}")
+
+        report = _run(
+            lambda: install.create(
+                definition, args.cdrom, spec, progress=show, timeout=args.timeout
+            )
+        )
+    if args.json:
+        ui.print_json(report.to_json())
+        return 0
+    _say(
+        f"Domain {args.name} installed in {report.seconds:.0f} s on {report.disk} "
+        f"({spec.size // MiB} MiB {spec.format}); `kvmkit vm start {args.name}` boots it"
+    )
+    return 0
 
 
 # -- list / dominfo / dumpconfig / domblklist -----------------------------------------------
@@ -251,6 +299,18 @@ def cmd_domblklist(args: argparse.Namespace) -> int:
         return 0
 
     return _run(main)
+
+
+def cmd_domdisplay(args: argparse.Namespace) -> int:
+    _say(_run(_domain(args.name).display_uri))
+    return 0
+
+
+def cmd_screenshot(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    path = _run(lambda: dom.screenshot(args.out))
+    _say(f"Domain {args.name}: screen saved to {path}")
+    return 0
 
 
 # -- console / qmp ----------------------------------------------------------------------------
@@ -380,6 +440,20 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_autostart(args: argparse.Namespace) -> int:
     from kvmkit.domains import start_autostart
 
+    if args.install_unit or args.uninstall_unit:
+        from pathlib import Path
+
+        from kvmkit.domains import autostart
+
+        unit_dir = Path(args.unit_dir) if args.unit_dir else None
+        if args.install_unit:
+            path = autostart.install_unit(unit_dir)
+            _say(f"installed and enabled {path}: `kvmkit vm autostart --run` at boot")
+        elif autostart.uninstall_unit(unit_dir):
+            _say(f"removed {autostart.UNIT_NAME}")
+        else:
+            _say(f"{autostart.UNIT_NAME} was not installed")
+        return 0
     if args.run:
         started = _run(lambda: start_autostart(wait_ready=args.wait))
         _say(f"autostart: started {len(started)} domain(s) {' '.join(started)}".rstrip())
@@ -446,6 +520,60 @@ def cmd_detach_disk(args: argparse.Namespace) -> int:
         )
     )
     _say(f"Domain {args.name}: disk {target} detached")
+    return 0
+
+
+# -- vCPUs and NICs ------------------------------------------------------------------------------
+
+
+def cmd_setvcpus(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    count = _run(
+        lambda: dom.set_vcpus(args.count, live=args.live, config=args.config, maximum=args.maximum)
+    )
+    if args.maximum:
+        _say(f"Domain {args.name}: at most {args.count} vCPUs from the next start")
+    elif args.config and not args.live:
+        _say(f"Domain {args.name}: {count} vCPUs from the next start")
+    else:
+        _say(f"Domain {args.name}: {count} vCPUs online")
+    return 0
+
+
+def cmd_attach_interface(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    live, config = _affect_args(dom, args)
+    nic = _run(
+        lambda: dom.attach_interface(
+            type=args.type, model=args.model, mac=args.mac, live=live, config=config
+        )
+    )
+    _say(f"Domain {args.name}: interface {nic.mac} attached ({nic.model} on {nic.network})")
+    return 0
+
+
+def cmd_detach_interface(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    live, config = _affect_args(dom, args)
+    mac = _run(
+        lambda: dom.detach_interface(
+            type=args.type, mac=args.mac, live=live, config=config, timeout=args.timeout
+        )
+    )
+    _say(f"Domain {args.name}: interface {mac} detached")
+    return 0
+
+
+def cmd_domiflist(args: argparse.Namespace) -> int:
+    dom = _domain(args.name)
+    rows = _run(lambda: dom.interfaces(inactive=args.inactive))
+    if args.json:
+        _ui().print_json(rows)
+    else:
+        _ui().print_table(
+            ["MAC", "Type", "Model"],
+            [[r["mac"] or "(QEMU default)", r["type"], r["model"]] for r in rows],
+        )
     return 0
 
 
@@ -555,6 +683,9 @@ def _add_define_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", choices=("pc", "q35", "microvm"))
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"))
     p.add_argument("--network", choices=("none", "user"))
+    p.add_argument(
+        "--display", choices=("none", "vnc"), help="vnc: a VNC screen on 127.0.0.1 (domdisplay)"
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -605,6 +736,26 @@ def _register_lifecycle(v: _Verbs) -> None:
     p.add_argument("--disable", action="store_true")
     p.add_argument("--run", action="store_true")
     p.add_argument("--wait", type=SECONDS, default=0.0, help="with --run: seconds per guest kit")
+    unit = p.add_mutually_exclusive_group()
+    unit.add_argument(
+        "--install-unit", action="store_true", help="systemd unit running --run at boot"
+    )
+    unit.add_argument("--uninstall-unit", action="store_true", help="remove that unit")
+    p.add_argument("--unit-dir", help="unit folder (default /etc/systemd/system)")
+
+
+def _register_create(v: _Verbs) -> None:
+    p = v.named("create", cmd_create, "install from an ISO onto a new disk (virt-install)")
+    p.add_argument("--cdrom", required=True, help="installer ISO (kvmkit guest iso makes one)")
+    p.add_argument("--disk", required=True, help="size=2G,format=qcow2[,path=/abs/disk.qcow2]")
+    p.add_argument("--memory", type=size_arg("M", minimum=MIN_MEMORY), help="default 1G")
+    p.add_argument("--cpus", type=COUNT)
+    p.add_argument("--machine", choices=("pc", "q35"))
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"))
+    p.add_argument("--network", choices=("none", "user"))
+    p.add_argument("--display", choices=("none", "vnc"), help="vnc: see a graphical installer")
+    p.add_argument("--timeout", type=_number(float, 1, 86400), default=1800.0, help="seconds")
+    p.add_argument("--json", action="store_true", help="print the install report as JSON")
 
 
 def _register_information(v: _Verbs) -> None:
@@ -615,6 +766,9 @@ def _register_information(v: _Verbs) -> None:
     p = v.named("domblklist", cmd_domblklist, "list disks: target and source")
     p.add_argument("--inactive", action="store_true", help="the definition's disks")
     p.add_argument("--json", action="store_true")
+    v.named("domdisplay", cmd_domdisplay, "print the VNC display's URI (vnc://127.0.0.1:PORT)")
+    p = v.named("screenshot", cmd_screenshot, "save the guest's screen as PNG (QMP screendump)")
+    p.add_argument("out", help="the PNG file to write")
     p = v.named("console", cmd_console, "attach to the serial console (Ctrl-] leaves)")
     p.add_argument(
         "--command", "-c", dest="shell", help="run one shell command in the guest, print its output"
@@ -646,6 +800,26 @@ def _register_devices(v: _Verbs) -> None:
     _add_affect_options(p, persistent=True)
 
 
+def _register_cpus_and_nics(v: _Verbs) -> None:
+    p = v.named("setvcpus", cmd_setvcpus, "vCPUs: hotplug (--live) and/or next start (--config)")
+    p.add_argument("count", type=COUNT)
+    p.add_argument("--maximum", action="store_true", help="the hotplug ceiling (with --config)")
+    _add_affect_options(p, persistent=False)
+    p = v.named("attach-interface", cmd_attach_interface, "add a virtio NIC on a user network")
+    p.add_argument("--type", choices=("user",), default="user")
+    p.add_argument("--model", choices=("virtio",), default="virtio")
+    p.add_argument("--mac", help="52:54:00:xx:xx:xx (default: a new random one)")
+    _add_affect_options(p, persistent=True)
+    p = v.named("detach-interface", cmd_detach_interface, "remove a NIC (by --mac)")
+    p.add_argument("--type", choices=("user",), default="user")
+    p.add_argument("--mac", help="which NIC (needed when there are several)")
+    p.add_argument("--timeout", type=SECONDS, default=15.0)
+    _add_affect_options(p, persistent=True)
+    p = v.named("domiflist", cmd_domiflist, "list NICs: MAC, type, model")
+    p.add_argument("--inactive", action="store_true", help="the definition's NICs")
+    p.add_argument("--json", action="store_true")
+
+
 def _register_images(v: _Verbs) -> None:
     p = v.named("snapshot", cmd_snapshot, "save an internal snapshot (or --list / --delete)")
     p.add_argument("tag", nargs="?")
@@ -671,8 +845,10 @@ def register(subparsers: Any) -> None:
     )
     verbs = _Verbs(parser.add_subparsers(dest="vm_command", metavar="ACTION", required=True))
     _register_lifecycle(verbs)
+    _register_create(verbs)
     _register_information(verbs)
     _register_devices(verbs)
+    _register_cpus_and_nics(verbs)
     _register_images(verbs)
 
 

@@ -11,6 +11,8 @@
     await dom.shutdown()
 
 Modules: :mod:`.definition` (the persistent definition and its JSON format),
+:mod:`.install` (virt-install ``--cdrom``: install from an ISO onto a new disk),
+:mod:`.autostart` (the systemd unit that starts autostart domains at boot),
 :mod:`.store` (folders, atomic state files, locks), :mod:`.process` (a recorded QEMU,
 verified before any signal), :mod:`.domain` (the verbs), :mod:`.disks` (targets and
 sources, clones), :mod:`.errors`.
@@ -18,7 +20,12 @@ sources, clones), :mod:`.errors`.
 
 from kvmkit.domains.definition import Boot, Definition, Disk, Nic, guest_kit_boot, validate_name
 from kvmkit.domains.domain import Domain, StartReport, define, list_domains, start_autostart
-from kvmkit.domains.errors import DefinitionError, DomainError, UntrustedStateError
+from kvmkit.domains.errors import (
+    DefinitionError,
+    DomainError,
+    InstallError,
+    UntrustedStateError,
+)
 from kvmkit.domains.store import DomainStore, RunState
 from kvmkit.statedir import state_root
 
@@ -40,4 +47,5 @@ __all__ = [
     "DomainError",
     "DefinitionError",
     "UntrustedStateError",
+    "InstallError",
 ]

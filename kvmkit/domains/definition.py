@@ -14,10 +14,13 @@ format (version 1)::
       "machine": "pc",             # pc | q35 | microvm
       "accel": "auto",             # auto | kvm | tcg
       "boot": {"kind": "kernel", "kernel": "/abs/vmlinux", "initrd": "/abs/initrd",
-               "append": "console=ttyS0 ..."},          # or {"kind": "disk"}
+               "append": "console=ttyS0 ..."},
+              # or {"kind": "disk", "ready_marker": true}: the firmware boots vda;
+              # ready_marker says the installed system prints the guest kit's marker
+      "display": "none",           # none | vnc (VNC on 127.0.0.1, see domdisplay)
       "disks": [{"source": "/abs/a.qcow2", "target": "vda", "format": "qcow2",
                  "bus": "virtio", "readonly": false}],
-      "nics": [{"model": "virtio", "network": "user"}],
+      "nics": [{"model": "virtio", "network": "user", "mac": "52:54:00:12:34:56"}],
       "autostart": false
     }
 
@@ -28,14 +31,16 @@ a file that does not pass is refused with the field that is wrong, never half-us
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from kvmkit.domains.errors import DefinitionError
+from kvmkit.qemu import config as qemu_config
 from kvmkit.qemu import guestkit
-from kvmkit.qemu.config import MACHINE_TYPES, Drive, MachineConfig, MachineType
+from kvmkit.qemu.config import DISPLAYS, MAC, MACHINE_TYPES, Drive, MachineConfig, MachineType
 
 VERSION = 1
 MIB = 1 << 20
@@ -43,6 +48,7 @@ MIN_MEMORY_MIB = 16
 MAX_MEMORY_MIB = 16 << 20  # 16 TiB
 MAX_VCPUS = 255  # the pc/q35 limit without x2APIC/IOMMU tricks
 MAX_NAME = 64
+MAX_NICS = 8
 #: Domain names: printable, no '/', no whitespace, not starting with '.' or '-'.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 #: virsh's disk targets for virtio: vda ... vdz, vdaa ...
@@ -121,25 +127,50 @@ class Disk:
 
 @dataclass
 class Nic:
-    """One network card: a virtio NIC on a QEMU user-mode network."""
+    """One network card: a virtio NIC on a QEMU user-mode network, named by its ``mac``
+    (virsh's handle for ``detach-interface``).  A NIC without one (older definitions)
+    is QEMU's ``nic0`` with QEMU's default MAC."""
 
     model: str = "virtio"
     network: str = "user"
+    mac: str | None = None
 
     def validate(self) -> None:
         _check_choice(self.model, "NIC model", ("virtio",))
         _check_choice(self.network, "NIC network", NETWORKS)
+        if self.mac is not None:
+            check_mac(self.mac)
+
+
+def check_mac(mac: Any) -> str:
+    """``mac`` in QEMU's spelling (lower case) if it is a unicast MAC address."""
+    text = str(mac).lower()
+    if not MAC.fullmatch(text) or int(text[:2], 16) & 1:
+        raise DefinitionError(
+            f"bad MAC address {mac!r}", hint="a unicast address, e.g. 52:54:00:12:34:56"
+        )
+    return text
+
+
+def new_mac(taken: set[str]) -> str:
+    """A random MAC in QEMU's 52:54:00 range that is not in ``taken``."""
+    while True:
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+        if mac not in taken:
+            return mac
 
 
 @dataclass
 class Boot:
     """``kind`` ``kernel`` (direct boot of ``kernel``/``initrd``/``append``) or ``disk``
-    (the firmware boots the first disk)."""
+    (the firmware boots the first disk; ``ready_marker`` when the system on it prints the
+    guest kit's ready marker, as one installed from ``kvmkit guest iso`` does)."""
 
     kind: str = "kernel"
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
+    ready_marker: bool = False
 
     def validate(self) -> None:
         _check_choice(self.kind, "boot kind", ("kernel", "disk"))
@@ -151,6 +182,8 @@ class Boot:
             raise DefinitionError("a disk boot names no kernel or initrd")
         if self.append is not None and ("\n" in self.append or "\0" in self.append):
             raise DefinitionError("the kernel command line must be one line")
+        if not isinstance(self.ready_marker, bool):
+            raise DefinitionError("boot ready_marker must be true or false")
 
 
 @dataclass
@@ -170,6 +203,7 @@ class Definition:
     disks: list[Disk] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
     autostart: bool = False
+    display: str = "none"
 
     @property
     def current_mib(self) -> int:
@@ -192,6 +226,7 @@ class Definition:
             _check_int(self.max_vcpus, "max vCPUs", self.vcpus, MAX_VCPUS)
         _check_choice(self.machine, "machine", MACHINE_TYPES)
         _check_choice(self.accel, "accelerator", ACCELS)
+        _check_choice(self.display, "display", DISPLAYS)
         if not isinstance(self.autostart, bool):
             raise DefinitionError("autostart must be true or false")
         self.boot.validate()
@@ -202,8 +237,13 @@ class Definition:
             raise DefinitionError(f"disk targets must be unique: {targets}")
         for nic in self.nics:
             nic.validate()
-        if len(self.nics) > 1:
-            raise DefinitionError("at most one NIC for now")
+        if len(self.nics) > MAX_NICS:
+            raise DefinitionError(f"{len(self.nics)} NICs; at most {MAX_NICS}")
+        macs = [n.mac for n in self.nics if n.mac]
+        if len(set(macs)) != len(macs):
+            raise DefinitionError(f"NIC MAC addresses must be unique: {macs}")
+        if sum(1 for n in self.nics if not n.mac) > 1:
+            raise DefinitionError("at most one NIC without a MAC address")
         return self
 
     # -- lookups -------------------------------------------------------------------------
@@ -253,9 +293,12 @@ class Definition:
 
     # -- QEMU ------------------------------------------------------------------------------
 
-    def machine_config(self, qemu_name: str | None = None) -> MachineConfig:
+    def machine_config(
+        self, qemu_name: str | None = None, *, cdrom: str | None = None
+    ) -> MachineConfig:
         """The :class:`MachineConfig` QEMU starts from: ``-m memory_mib``, the disks by
-        target (node name, device id and serial are the target), balloon always on."""
+        target (node name, device id and serial are the target), balloon always on.
+        ``cdrom`` (an installer ISO) is attached and booted first."""
         self.validate()
         config = MachineConfig(
             name=qemu_name or self.name,
@@ -275,8 +318,12 @@ class Definition:
                 )
                 for d in self.disks
             ],
-            network="user" if self.nics else "none",
+            network="user" if any(not n.mac for n in self.nics) else "none",
+            nics=[qemu_config.Nic(n.mac) for n in self.nics if n.mac],
             balloon=True,
+            cdrom=cdrom,
+            boot_order="d" if cdrom else None,
+            display=self.display,
         )
         config.validate()
         return config

@@ -21,6 +21,7 @@ after checking it is still that QEMU, so a stale PID never reaches another proce
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +29,24 @@ from typing import Any
 
 import trio
 
-from kvmkit.domains import disks
+from kvmkit.domains import disks, mirror
 from kvmkit.domains.definition import (
+    MAX_VCPUS,
     MIB,
     Definition,
     Disk,
+    Nic,
     check_finite,
+    check_mac,
     mib_from_bytes,
+    new_mac,
     validate_name,
 )
 from kvmkit.domains.errors import DefinitionError, DomainError, UntrustedStateError
 from kvmkit.domains.process import Identity, TrustedProcess
 from kvmkit.domains.store import DomainStore, RunState
 from kvmkit.qemu import guestkit, hotplug, migration, snapshot
+from kvmkit.qemu.config import DISPLAYS, nic_id
 from kvmkit.qemu.console import SerialConsole
 from kvmkit.qemu.errors import ConsoleTimeout
 from kvmkit.qemu.machine import QemuMachine
@@ -65,6 +71,46 @@ def _affect(live: bool | None, config: bool | None, running: bool, name: str) ->
     if live and not running:
         raise DomainError(f"domain {name} is not running", hint="drop --live, or start it")
     return bool(live), bool(config)
+
+
+async def vnc_uri(qmp: QMPClient) -> str | None:
+    """``vnc://HOST:PORT`` of the QEMU's VNC server (``query-vnc``), None without one."""
+    vnc = await qmp.execute("query-vnc")
+    if not vnc.get("enabled") or not vnc.get("service"):
+        return None
+    host = str(vnc.get("host", "127.0.0.1"))
+    return f"vnc://{'[' + host + ']' if ':' in host else host}:{vnc['service']}"
+
+
+def _check_count(count: int) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_VCPUS:
+        raise DefinitionError(f"vCPU count {count!r} is out of range [1, {MAX_VCPUS}]")
+    return count
+
+
+def _pick_nic(macs: list[str], mac: str | None, name: str) -> str:
+    """The MAC in ``macs`` that ``mac`` names (or the only one)."""
+    if mac is None:
+        if len(macs) != 1:
+            raise DomainError(f"domain {name} has {len(macs)} NICs", hint="name one with --mac")
+        return macs[0]
+    if mac not in macs:
+        raise DomainError(f"domain {name} has no NIC with MAC {mac}", hint="see domiflist")
+    return mac
+
+
+def _check_display(display: str) -> None:
+    if display not in DISPLAYS:
+        raise DefinitionError(f"display is {display!r}; use one of {', '.join(DISPLAYS)}")
+
+
+def _prints_ready_marker(definition: Definition) -> bool:
+    """True when the guest announces itself with the guest kit's ready marker: it boots
+    the kit, or a disk installed from kvmkit's installer ISO."""
+    boot = definition.boot
+    if boot.kind == "disk":
+        return boot.ready_marker
+    return bool(boot.initrd) and Path(str(boot.initrd)).is_relative_to(guestkit.kits_dir())
 
 
 class Domain:
@@ -167,12 +213,15 @@ class Domain:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self, *, wait_ready: float = 60.0) -> StartReport:
+    async def start(self, *, wait_ready: float = 60.0, display: str | None = None) -> StartReport:
         """Launch QEMU from the definition, detached; record it; wait up to
         ``wait_ready`` s for the guest kit's ready marker (0: don't); then set the
-        balloon to the definition's current memory.  Refuses when a QEMU runs or the
-        state file cannot be trusted."""
+        balloon to the definition's current memory.  ``display`` (``none``/``vnc``)
+        overrides the definition's display for this run.  Refuses when a QEMU runs or
+        the state file cannot be trusted."""
         check_finite(wait_ready, "wait_ready (s)", 0, 3600)
+        if display is not None:
+            _check_display(display)
         with self.store.lock(self.name):
             state, proc = self._running()
             if proc is not None:
@@ -181,6 +230,8 @@ class Domain:
             if state is not None:
                 self.store.clear_state(self.name, state)  # its QEMU is gone
             definition = self.definition
+            if display is not None:
+                definition.display = display
             machine = QemuMachine(
                 definition.machine_config(),
                 directory=self.store.new_run_dir(self.name),
@@ -212,8 +263,7 @@ class Domain:
         )
         self.store.write_state(self.name, state)
         ready: bool | None = None
-        initrd = definition.boot.initrd
-        if wait_ready > 0 and initrd and Path(initrd).is_relative_to(guestkit.kits_dir()):
+        if wait_ready > 0 and _prints_ready_marker(definition):
             try:
                 await machine.wait_ready(wait_ready)
                 ready = True
@@ -379,6 +429,170 @@ class Domain:
                 self.store.save_definition(definition)
             return found
 
+    # -- vCPUs and NICs ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _guest_console(self) -> AsyncIterator[SerialConsole | None]:
+        """The serial console when the guest runs kvmkit's shell there, else None."""
+        if not _prints_ready_marker(self.definition):
+            yield None
+            return
+        console = SerialConsole(await self.open_console(), name=f"{self.name} console")
+        async with trio.open_nursery() as nursery:
+            await console.start(nursery)
+            try:
+                yield console
+            finally:
+                await console.aclose()
+
+    async def set_vcpus(
+        self,
+        count: int,
+        *,
+        live: bool | None = None,
+        config: bool | None = None,
+        maximum: bool = False,
+    ) -> int:
+        """virsh ``setvcpus``: plug CPUs into the running guest until it has ``count``
+        (``live``; waits until the guest has them online when it runs kvmkit's shell)
+        and/or set the vCPUs of the next start (``config``); with ``maximum``, the
+        hotplug ceiling of the next start instead (config only).  Unplugging is refused
+        where QEMU cannot do it safely (TCG on QEMU <= 7.2).  Returns the vCPUs now."""
+        count = _check_count(count)
+        if maximum:
+            if live:
+                raise DomainError("--maximum changes the definition only", hint="drop --live")
+            definition = self.definition
+            vcpus = min(definition.vcpus, count)
+            self._change_definition(max_vcpus=count, vcpus=vcpus)
+            return vcpus
+        live, config = _affect(live, config, self.is_active(), self.name)
+        ceiling = self.definition.max_vcpus or self.definition.vcpus
+        if config and count > ceiling:
+            raise DomainError(
+                f"{count} vCPUs is above the maximum of {ceiling}",
+                hint="raise it with setvcpus NAME N --maximum --config (next start)",
+            )
+        now = count
+        if live:
+            now = await self._set_live_vcpus(count)
+        if config:
+            self._change_definition(vcpus=count)
+        return now
+
+    async def _set_live_vcpus(self, count: int) -> int:
+        with self.store.lock(self.name):
+            async with self.qmp() as qmp:
+                cpus = await hotplug.hotpluggable_cpus(qmp)
+                plugged = [c for c in cpus if "qom-path" in c]
+                if count > len(cpus):
+                    raise DomainError(
+                        f"{count} vCPUs is above this QEMU's maximum of {len(cpus)}",
+                        hint="setvcpus NAME N --maximum --config, then restart",
+                    )
+                if count < len(plugged):
+                    hot = [c["qom-path"].rsplit("/", 1)[-1] for c in plugged]
+                    hot = [h for h in hot if not h.startswith("device[")]  # boot CPUs
+                    if len(plugged) - count > len(hot):
+                        raise DomainError(
+                            f"only hot-plugged vCPUs can be unplugged ({len(hot)} here)",
+                            hint="setvcpus --config and restart to boot with fewer",
+                        )
+                    for cpu_id in hot[::-1][: len(plugged) - count]:
+                        await hotplug.remove_cpu(qmp, cpu_id)
+                    return count
+                if count == len(plugged):
+                    return count
+                async with self._guest_console() as console:
+                    for _ in range(count - len(plugged)):
+                        await hotplug.add_cpu(qmp, console=console)
+                return count
+
+    async def interfaces(self, *, inactive: bool = False) -> list[dict[str, Any]]:
+        """virsh ``domiflist``: MAC, type and model of each NIC (running QEMU's, or the
+        definition's when shut off or ``inactive``)."""
+        if inactive or not self.is_active():
+            return [
+                {"mac": n.mac, "type": n.network, "model": n.model} for n in self.definition.nics
+            ]
+        async with self.qmp() as qmp:
+            found = await hotplug.nic_devices(qmp)
+        return [{"mac": n["mac"], "type": "user", "model": "virtio", "id": n["id"]} for n in found]
+
+    async def attach_interface(
+        self,
+        *,
+        type: str = "user",
+        model: str = "virtio",
+        mac: str | None = None,
+        live: bool | None = None,
+        config: bool | None = None,
+        timeout: float = 20.0,
+    ) -> Nic:
+        """virsh ``attach-interface``: a virtio NIC on a user-mode network, hot-added
+        (``live``; waits until the guest sees it when it runs kvmkit's shell) and/or in
+        the definition (``config``).  ``mac`` defaults to a new random one."""
+        check_finite(timeout, "timeout (s)", 0, 3600)
+        live, config = _affect(live, config, self.is_active(), self.name)
+        with self.store.lock(self.name):
+            definition = self.definition
+            taken = {n.mac for n in definition.nics if n.mac}
+            if live:
+                async with self.qmp() as qmp:
+                    taken |= {n["mac"] for n in await hotplug.nic_devices(qmp)}
+            nic = Nic(model=model, network=type, mac=check_mac(mac) if mac else new_mac(taken))
+            nic.validate()
+            if nic.mac in taken:
+                raise DomainError(f"domain {self.name} has a NIC with MAC {nic.mac} already")
+            if config:
+                definition.nics.append(nic)
+                definition.validate()  # the NIC limit, before anything is plugged
+            if live:
+                assert nic.mac is not None
+                async with self.qmp() as qmp, self._guest_console() as console:
+                    await hotplug.add_nic(
+                        qmp, nic_id=nic_id(nic.mac), mac=nic.mac, console=console,
+                        timeout=timeout,
+                    )  # fmt: skip
+            if config:
+                self.store.save_definition(definition)
+            return nic
+
+    async def detach_interface(
+        self,
+        *,
+        type: str = "user",
+        mac: str | None = None,
+        live: bool | None = None,
+        config: bool | None = None,
+        timeout: float = 15.0,
+    ) -> str:
+        """virsh ``detach-interface``: remove the NIC with ``mac`` (may be left out when
+        there is only one) from the running guest (waits for DEVICE_DELETED) and/or the
+        definition.  Returns its MAC."""
+        check_finite(timeout, "timeout (s)", 0, 3600)
+        if type != "user":
+            raise DomainError(f"interface type {type!r}", hint="kvmkit has --type user")
+        live, config = _affect(live, config, self.is_active(), self.name)
+        mac = check_mac(mac) if mac else None
+        with self.store.lock(self.name):
+            definition = self.definition
+            found = mac
+            if live:
+                async with self.qmp() as qmp:
+                    nics = await hotplug.nic_devices(qmp)
+                    chosen = _pick_nic([n["mac"] for n in nics], mac, self.name)
+                    device = next(n["id"] for n in nics if n["mac"] == chosen)
+                    await hotplug.remove_nic(qmp, device, timeout=timeout)
+                    found = chosen
+            if config:
+                listed = [n.mac or "" for n in definition.nics]
+                chosen = _pick_nic(listed, found, self.name)
+                definition.nics = [n for n in definition.nics if (n.mac or "") != chosen]
+                self.store.save_definition(definition)
+                found = chosen
+            return found or ""
+
     # -- information ---------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
@@ -404,6 +618,39 @@ class Domain:
                 with contextlib.suppress(ExecuteError):
                     info["used_memory_mib"] = (await qmp.execute("query-balloon"))["actual"] // MIB
         return info
+
+    # -- display -----------------------------------------------------------------------------
+
+    async def display_uri(self) -> str:
+        """virsh ``domdisplay``: the running guest's VNC address, ``vnc://127.0.0.1:5900``
+        (a port; QEMU listens on the loopback only).  DomainError when it has none."""
+        async with self.qmp() as qmp:
+            uri = await vnc_uri(qmp)
+        if uri is None:
+            raise DomainError(
+                f"domain {self.name} has no graphical display",
+                hint="start it with --display vnc",
+            )
+        return uri
+
+    async def screenshot(self, out: str | Path) -> Path:
+        """virsh ``screenshot``: the guest's screen as a PNG file at ``out`` (QMP
+        ``screendump`` with ``format: png``, QEMU >= 7.1), replaced atomically."""
+        target = Path(out).absolute()
+        if not target.parent.is_dir():
+            raise DomainError(f"{target.parent} is not a directory")
+        shot = self.run_path("screen.png")  # QEMU writes into its own run folder
+        try:
+            async with self.qmp() as qmp:
+                if not (await qmp.execute("query-vnc")).get("enabled"):
+                    raise DomainError(
+                        f"domain {self.name} has no screen", hint="start it with --display vnc"
+                    )
+                await qmp.execute("screendump", {"filename": str(shot), "format": "png"})
+            shutil.move(str(shot), str(target))
+        finally:
+            shot.unlink(missing_ok=True)
+        return target
 
     # -- console and QMP -----------------------------------------------------------------------
 
@@ -503,12 +750,12 @@ class Domain:
         options: migration.MigrationOptions | None,
         progress: migration.Progress | None,
     ) -> migration.MigrationStats:
-        """Launch a destination with the source's devices (its launch configuration, the
-        disks that are still there, and those hot-added since, plugged in the same
-        order), migrate into it, and record it as the domain's QEMU."""
+        """Launch a destination with the source's devices (its launch configuration, and
+        the disks, NICs and CPUs hot-added since: :mod:`.mirror`), migrate into it, and
+        record it as the domain's QEMU."""
         async with self.qmp() as src:
-            live = await disks.live_disks(src)
-        config, hot = disks.mirror_config(state.config, live)
+            hot = await mirror.hot_devices(src, state.config)
+        config = hot.config
         dest = QemuMachine(
             config,
             directory=self.store.new_run_dir(self.name, keep=state.run_dir),
@@ -518,8 +765,7 @@ class Domain:
         )
         await dest.launch()
         try:
-            for disk in hot:
-                await hotplug.add_disk(dest.qmp, disk.path, fmt=disk.format, disk_id=disk.node)
+            await mirror.replay(dest.qmp, hot)
             async with self.qmp() as src:
                 uri = await migration.prepare_incoming(dest.qmp, migration.local_uri(dest), options)
                 stats = await migration.migrate(

@@ -44,12 +44,19 @@ STATE_VERSION = 1
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON so that a reader (or a crash) sees the old
-    content or the new, never part of it: temp file, fsync, rename, fsync the folder."""
+    """Replace ``path`` with ``data`` as JSON (see :func:`atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text`` (file mode ``mode``) so that a reader (or a crash)
+    sees the old content or the new, never part of it: temp file, fsync, rename, fsync
+    the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

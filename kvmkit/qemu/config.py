@@ -25,6 +25,12 @@ from kvmkit.qemu.guestkit import GuestKit
 MachineType = Literal["pc", "q35", "microvm"]
 Network = Literal["none", "user"]
 MACHINE_TYPES: tuple[str, ...] = ("pc", "q35", "microvm")
+DISPLAYS: tuple[str, ...] = ("none", "vnc")
+#: ``-boot order=``: a floppy, c first hard disk, d CD-ROM, n network.
+_BOOT_ORDER = re.compile(r"[acdn]{1,4}")
+#: ``-vnc 127.0.0.1:0,to=99``: QEMU takes the first free display 5900..5999 itself (no
+#: race between picking a port and binding it); ``query-vnc`` says which.
+VNC_DISPLAYS = 99
 #: Node names and device ids: QEMU's identifier rule (a letter, then letters, digits,
 #: '-', '.', '_'; at most 31 characters in block node names).
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
@@ -50,6 +56,27 @@ class Drive:
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
+
+
+#: A MAC address as QEMU and virsh write it; QEMU's locally administered prefix 52:54:00.
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def nic_id(mac: str) -> str:
+    """The QEMU device id of the NIC with ``mac`` (its netdev is ``<id>-net``)."""
+    return "nic-" + mac.replace(":", "")
+
+
+@dataclass
+class Nic:
+    """A virtio NIC on its own user-mode netdev: device ``nic-<mac digits>``, netdev
+    ``<device id>-net``."""
+
+    mac: str
+
+    @property
+    def id(self) -> str:
+        return nic_id(self.mac)
 
 
 @dataclass
@@ -80,6 +107,10 @@ class MachineConfig:
     drives: list[Drive] = field(default_factory=list)
     network: Network = "none"
     balloon: bool = False
+    cdrom: str | None = None
+    boot_order: str | None = None
+    display: str = "none"
+    nics: list[Nic] = field(default_factory=list)
     hotplug_ports: int = 4
     extra_args: list[str] = field(default_factory=list)
     qemu_binary: str = "qemu-system-x86_64"
@@ -114,6 +145,20 @@ class MachineConfig:
                 )
         if self.initrd and not self.kernel:
             raise QemuError("an initrd needs a kernel")
+        macs = [n.mac for n in self.nics]
+        for mac in macs:
+            if not MAC.fullmatch(str(mac)) or int(str(mac)[:2], 16) & 1:
+                raise QemuError(f"bad MAC address {mac!r}", hint="unicast, e.g. 52:54:00:12:34:56")
+        if len(set(macs)) != len(macs):
+            raise QemuError(f"NIC MAC addresses must be unique: {macs}")
+        if self.display not in DISPLAYS:
+            raise QemuError(f"unknown display {self.display!r}", hint=f"use one of {DISPLAYS}")
+        if self.boot_order is not None and not _BOOT_ORDER.fullmatch(self.boot_order):
+            raise QemuError(
+                f"bad boot order {self.boot_order!r}", hint="letters of c (disk), d (CD-ROM), n"
+            )
+        if self.machine == "microvm" and (self.cdrom or self.display != "none"):
+            raise QemuError("microvm has no IDE CD-ROM and no VGA", hint="use machine pc or q35")
 
     def __post_init__(self) -> None:
         for index, drive in enumerate(self.drives):
@@ -128,6 +173,7 @@ class MachineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["drives"] = [Drive(**d) for d in values.get("drives", [])]
+        values["nics"] = [Nic(**n) for n in values.get("nics", [])]
         return cls(**values)
 
     @property
@@ -185,6 +231,11 @@ def build_command(
     cmd = [config.qemu_binary, "-name", f"{opt_value(config.name)},debug-threads=on"]
     cmd += ["-machine", machine_opts, "-accel", accel]
     cmd += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if config.display == "vnc":
+        # Loopback only; a VGA card for the screen (-nodefaults leaves none).
+        cmd += ["-vnc", f"127.0.0.1:0,to={VNC_DISPLAYS}", "-device", "VGA,id=video0"]
+    if config.boot_order:
+        cmd += ["-boot", f"order={config.boot_order}"]
     cpu_model = config.cpu_model or ("host" if accel == "kvm" else "qemu64")
     cmd += ["-cpu", cpu_model]
     mem = f"{config.memory_mib}M"
@@ -222,8 +273,15 @@ def build_command(
         # The serial is the node name: the guest finds it in /sys/block/vd*/serial.
         device = f"{config.virtio('blk')},drive={drive.node},id={drive.node},serial={drive.node}"
         cmd += ["-device", device]
+    if config.cdrom:
+        cdrom = Drive(config.cdrom, format="raw", node="cdrom0", readonly=True)
+        cmd += ["-blockdev", _blockdev_json(cdrom, "file"), "-blockdev", _blockdev_json(cdrom)]
+        cmd += ["-device", "ide-cd,drive=cdrom0,id=cdrom0"]
     if config.network == "user":
         cmd += ["-netdev", "user,id=net0", "-device", f"{config.virtio('net')},netdev=net0,id=nic0"]
+    for nic in config.nics:
+        cmd += ["-netdev", f"user,id={nic.id}-net"]
+        cmd += ["-device", f"{config.virtio('net')},netdev={nic.id}-net,id={nic.id},mac={nic.mac}"]
     if config.balloon:
         cmd += ["-device", f"{config.virtio('balloon')},id=balloon0"]
     if paused:

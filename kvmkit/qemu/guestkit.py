@@ -300,6 +300,34 @@ def _initramfs_entries(busybox: Path, modules: list[tuple[str, bytes]]) -> list[
     return entries
 
 
+def fetch_kernel_package(
+    kernel_version: str,
+    into: Path,
+    *,
+    on_download: Callable[[], None] | None = None,
+    on_unpack: Callable[[], None] | None = None,
+) -> tuple[Path, Path]:
+    """Download Debian's ``linux-image-<kernel_version>`` with ``apt-get download`` into
+    the existing directory ``into`` and unpack it there (never installed on the host);
+    returns (kernel image, ``lib/modules/<version>`` tree).  Needs apt's package lists."""
+    if on_download is not None:
+        on_download()
+    pkg = f"linux-image-{kernel_version}"
+    _run(["apt-get", "download", pkg], cwd=into, timeout=900)
+    debs = sorted(into.glob(f"{pkg}_*.deb"))
+    if not debs:
+        raise GuestKitError(f"apt-get download {pkg} produced no .deb file")
+    if on_unpack is not None:
+        on_unpack()
+    unpacked = into / "root"
+    _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], timeout=900)
+    debs[0].unlink()
+    images = sorted((unpacked / "boot").glob("vmlinuz-*"))
+    if not images:
+        raise GuestKitError(f"{pkg} contains no /boot/vmlinuz-*")
+    return images[0], unpacked / "lib" / "modules" / kernel_version
+
+
 def build_kit(
     kernel_version: str | None = None,
     *,
@@ -343,21 +371,9 @@ def build_kit(
         out = tmp / "kit"
         out.mkdir()
         if kernel_image is None:
-            step(1)
-            pkg = f"linux-image-{kernel_version}"
-            _run(["apt-get", "download", pkg], cwd=tmp, timeout=900)
-            debs = sorted(tmp.glob(f"{pkg}_*.deb"))
-            if not debs:
-                raise GuestKitError(f"apt-get download {pkg} produced no .deb file")
-            step(2)
-            unpacked = tmp / "root"
-            _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], timeout=900)
-            debs[0].unlink()
-            images = sorted((unpacked / "boot").glob("vmlinuz-*"))
-            if not images:
-                raise GuestKitError(f"{pkg} contains no /boot/vmlinuz-*")
-            kernel_image = images[0]
-            modules_dir = unpacked / "lib" / "modules" / kernel_version
+            kernel_image, modules_dir = fetch_kernel_package(
+                kernel_version, tmp, on_unpack=lambda: step(2), on_download=lambda: step(1)
+            )
         assert modules_dir is not None
         if not Path(modules_dir).is_dir():
             raise GuestKitError(f"module tree {modules_dir} does not exist")

@@ -234,13 +234,16 @@ async def add_nic(
     driver: str = "virtio-net-pci",
     console: SerialConsole | None = None,
     timeout: float = 20.0,
+    mac: str | None = None,
 ) -> str:
-    """Hot-add a NIC on a new user-mode netdev ``<id>-net``; returns the device id.  With
-    ``console``, waits for a new interface with the NIC's MAC in the guest."""
+    """Hot-add a NIC (MAC ``mac``, default one of kvmkit's) on a new user-mode netdev
+    ``<id>-net``; returns the device id.  With ``console``, waits for a new interface
+    with the NIC's MAC in the guest."""
     nic_id = nic_id or _new_id("nic")
+    if mac is None:
+        serial = next(_ids)
+        mac = f"52:54:00:4b:{(serial >> 8) & 0xFF:02x}:{serial & 0xFF:02x}"
     await _execute(qmp, "add netdev", "netdev_add", {"type": "user", "id": f"{nic_id}-net"})
-    serial = next(_ids)
-    mac = f"52:54:00:4b:{(serial >> 8) & 0xFF:02x}:{serial & 0xFF:02x}"
     args: dict[str, Any] = {"driver": driver, "id": nic_id, "netdev": f"{nic_id}-net", "mac": mac}
     if bus is None and driver.endswith("-pci"):
         try:
@@ -258,6 +261,18 @@ async def add_nic(
     if console is not None:
         await guest_wait(console, f"grep -qx {mac} /sys/class/net/*/address", timeout)
     return nic_id
+
+
+async def nic_devices(qmp: QMPClient) -> list[dict[str, str]]:
+    """``{"id", "mac"}`` of every virtio NIC created with an id (``-device``/
+    ``device_add``), by id."""
+    found = []
+    for prop in await qmp.execute("qom-list", {"path": "/machine/peripheral"}):
+        if str(prop.get("type", "")) in ("child<virtio-net-pci>", "child<virtio-net-device>"):
+            path = f"/machine/peripheral/{prop['name']}"
+            mac = await qmp.execute("qom-get", {"path": path, "property": "mac"})
+            found.append({"id": prop["name"], "mac": str(mac).lower()})
+    return sorted(found, key=lambda n: n["id"])
 
 
 async def _netdev_del_quietly(qmp: QMPClient, netdev: str) -> None:

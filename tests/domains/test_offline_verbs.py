@@ -54,7 +54,9 @@ def test_define_writes_the_documented_file(
         "kernel": "/boot/none",
         "initrd": None,
         "append": None,
+        "ready_marker": False,
     }
+    assert config["display"] == "none"
     on_disk = json.loads((defined / "state/vms/d/definition.json").read_text())
     assert on_disk == config
     status, _, err = _vm(capsys, "define", "d", "--kernel", "/boot/none")
