@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+#: What :func:`detect_backend` can answer.
+KvmBackend = Literal["vmx", "svm", "pvm", "unknown"]
 
 #: What each backend means for code running inside a guest, in one line.
 BACKEND_MEANING: dict[str, str] = {
@@ -16,12 +20,12 @@ BACKEND_MEANING: dict[str, str] = {
     "unknown": "an unrecognised KVM backend: guest code may be native or emulated",
 }
 
-_MODULES = {"kvm_intel": "vmx", "kvm_amd": "svm", "kvm_pvm": "pvm"}
+_MODULES: dict[str, KvmBackend] = {"kvm_intel": "vmx", "kvm_amd": "svm", "kvm_pvm": "pvm"}
 
 
 def detect_backend(
     sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cpuinfo")
-) -> str:
+) -> KvmBackend:
     """Return ``"vmx"``, ``"svm"``, ``"pvm"`` or ``"unknown"``.
 
     Loaded KVM vendor modules decide (``/sys/module`` also lists built-in ones); when none

@@ -28,7 +28,7 @@ def kvm_backend(sys_module: Path = _SYS_MODULE) -> Backend:
     if not os.path.exists("/dev/kvm") or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "none"
     found = detect_backend(sys_module)
-    return "other" if found == "unknown" else found  # type: ignore[return-value]
+    return "other" if found == "unknown" else found
 
 
 @dataclass(frozen=True)

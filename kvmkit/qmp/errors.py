@@ -55,6 +55,7 @@ class ConnectError(QMPError, qemu.qmp.ConnectError):
         self.message = message
         self.hint = hint
         self.error_message = message
+        # qemu.qmp types ``exc`` as Exception (always set); kvmkit's may be None.
         self.exc = exc  # type: ignore[assignment]
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ is also done at interpreter exit if the caller forgot.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -37,6 +38,14 @@ from kvmkit.qmp.schema import Schema
 from kvmkit.qmp.transport import Address
 
 T = TypeVar("T")
+
+
+class _Failure:
+    """What a call raised in the client's thread, to be raised again in the caller's."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
 
 # Extra seconds the calling thread waits beyond an operation's own timeout before it
 # declares the background thread unresponsive.
@@ -80,10 +89,8 @@ class SyncEventListener:
         tb: TracebackType | None,
     ) -> None:
         if not self._owner.closed:
-            try:
+            with contextlib.suppress(DisconnectedError):
                 self._owner._run(self._listener.__aexit__, None, None, None)
-            except DisconnectedError:
-                pass
 
 
 class SyncQMPClient:
@@ -172,13 +179,13 @@ class SyncQMPClient:
             raise DisconnectedError("the synchronous QMP client is closed")
         if self._thread is threading.current_thread():
             raise UsageError("do not call the synchronous QMP client from its own thread")
-        result: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        result: queue.Queue[T | _Failure] = queue.Queue()
 
         async def call() -> None:
             try:
-                result.put((True, await fn(*args)))
+                result.put(await fn(*args))
             except BaseException as exc:
-                result.put((False, exc))
+                result.put(_Failure(exc))
 
         try:
             trio.from_thread.run_sync(self._spawn, call, trio_token=self._token)
@@ -186,15 +193,15 @@ class SyncQMPClient:
             raise DisconnectedError("the QMP connection's thread has ended") from None
         wait = None if timeout is None or timeout == math.inf else timeout + _GRACE
         try:
-            ok, value = result.get(timeout=wait)
+            outcome = result.get(timeout=wait)
         except queue.Empty:
             self._closed = True  # if the thread connects after all, it closes again
             raise QMPTimeoutError(f"the QMP thread did not answer within {wait:g} s") from None
-        if ok:
-            return value  # type: ignore[no-any-return]
-        if isinstance(value, trio.Cancelled):
+        if not isinstance(outcome, _Failure):
+            return outcome
+        if isinstance(outcome.exc, trio.Cancelled):
             raise DisconnectedError("the synchronous QMP client was closed during the call")
-        raise value
+        raise outcome.exc
 
     def _spawn(self, call: Callable[[], Awaitable[None]]) -> None:
         trio.lowlevel.spawn_system_task(call)
@@ -266,10 +273,8 @@ class SyncQMPClient:
         self._closed = True
         stop = self._stop
         if stop is not None and self._thread.is_alive():
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(stop.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
         self._thread.join(timeout=_GRACE + 5)
 
     def __enter__(self) -> SyncQMPClient:
