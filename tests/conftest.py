@@ -6,6 +6,7 @@ skips with the reason only when the host truly lacks it; everything else must pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -126,10 +127,8 @@ class _LeakCheck:
         import psutil
 
         for pid in _our_processes(self.marker):
-            try:
+            with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
         for path in self.temp_paths:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)

@@ -77,17 +77,20 @@ async def _execute(args: argparse.Namespace, arguments: dict[str, Any] | None) -
 async def _follow(args: argparse.Namespace, match: dict[str, Any] | None) -> int:
     from kvmkit.qmp import DisconnectedError, open_qmp
 
-    async with open_qmp(parse_address(args.address), connect_timeout=args.connect_timeout) as qmp:
-        # Back-pressure, not loss: while this loop writes an event, QEMU's next ones wait
-        # in the socket and the listener's buffer, however long the writing takes.
-        async with qmp.listen(*args.events, match=match, overflow="block") as events:
-            print(f"following events on {qmp.address} (Ctrl-C to stop)", file=sys.stderr)
-            try:
-                async for event in events:
-                    print(json.dumps(dict(event)), flush=True)
-            except DisconnectedError:
-                # QEMU quitting ends the stream; that is how following usually stops.
-                print(f"{qmp.address} closed the connection", file=sys.stderr)
+    address = parse_address(args.address)
+    # Back-pressure, not loss: while this loop writes an event, QEMU's next ones wait
+    # in the socket and the listener's buffer, however long the writing takes.
+    async with (
+        open_qmp(address, connect_timeout=args.connect_timeout) as qmp,
+        qmp.listen(*args.events, match=match, overflow="block") as events,
+    ):
+        print(f"following events on {qmp.address} (Ctrl-C to stop)", file=sys.stderr)
+        try:
+            async for event in events:
+                print(json.dumps(dict(event)), flush=True)
+        except DisconnectedError:
+            # QEMU quitting ends the stream; that is how following usually stops.
+            print(f"{qmp.address} closed the connection", file=sys.stderr)
     return 0
 
 

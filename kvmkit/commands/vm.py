@@ -488,7 +488,7 @@ def cmd_setmaxmem(args: argparse.Namespace) -> int:
 
 
 def _affect_args(dom: Domain, args: argparse.Namespace) -> tuple[bool | None, bool | None]:
-    """virsh's --persistent: the definition, and the running guest when there is one."""
+    """Virsh's --persistent: the definition, and the running guest when there is one."""
     if args.persistent:
         return dom.is_active(), True
     return args.live, args.config

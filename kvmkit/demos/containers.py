@@ -33,6 +33,7 @@ the TSC rate (:data:`MICROVM_NOTE`).
 
 from __future__ import annotations
 
+import io
 import os
 import selectors
 import statistics
@@ -69,6 +70,8 @@ Task = Callable[[str], AbstractContextManager[Any]]
 
 @dataclass
 class Instance:
+    """One started VM or container: its timings, memory and first output (or problem)."""
+
     index: int
     start_s: float | None = None  # start to first line of output
     kernel_s: float | None = None  # Linux guests: start to the kernel's first console line
@@ -80,6 +83,8 @@ class Instance:
 
 @dataclass
 class Round:
+    """``count`` instances of one kind started at once, and the summary row they make."""
+
     kind: str
     count: int
     accel: str
@@ -228,14 +233,17 @@ def hello_worker(image: str) -> int:
 
     start = time.perf_counter()
 
-    class FirstLine:
+    class FirstLine(io.StringIO):
+        """The console echo: prints the guest's first line with its time, then holds."""
+
         def __init__(self) -> None:
+            super().__init__()
             self.text = ""
             self.done = False
 
-        def write(self, data: str) -> None:
+        def write(self, data: str) -> int:
             if self.done:
-                return
+                return len(data)
             self.text += data
             if "\n" in self.text:
                 self.done = True
@@ -243,11 +251,9 @@ def hello_worker(image: str) -> int:
                 sys.stdout.write(f"{line}\t{time.perf_counter() - start:.6f}\n")
                 sys.stdout.flush()
                 sys.stdin.read()  # hold the VM at this exit until the parent lets go
+            return len(data)
 
-        def flush(self) -> None:
-            return None
-
-    result = run_guest(RunConfig(image=Path(image), echo=FirstLine(), timeout=VM_TIMEOUT_S))  # type: ignore[arg-type]
+    result = run_guest(RunConfig(image=Path(image), echo=FirstLine(), timeout=VM_TIMEOUT_S))
     return result.process_status
 
 

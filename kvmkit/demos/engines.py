@@ -73,6 +73,9 @@ def qemu_kernel_command(
 
 @dataclass
 class EngineRun:
+    """What one engine did with the same guest work: timings, exits and its answer, or
+    why it was skipped or failed."""
+
     engine: str
     kind: str  # what kind of virtualization this is, in a few words
     n: int = 0

@@ -69,11 +69,11 @@ RAW_LOOP_SOURCE = Path(__file__).resolve().parents[2] / "benchmarks" / "csrc" / 
 
 
 class Unavailable(Exception):
-    """This host lacks something a way needs (a compiler, the raw loop's source)."""
+    """Raised when this host lacks something a way needs (a compiler, the raw loop's source)."""
 
 
 def _mark(arg_gpa: int) -> bytes:
-    """mov eax, arg_gpa; mov dx, MARK_PORT; out dx, eax"""
+    """Machine code for ``mov eax, arg_gpa; mov dx, MARK_PORT; out dx, eax``."""
     return (
         b"\xb8" + arg_gpa.to_bytes(4, "little") + b"\x66\xba" + MARK_PORT.to_bytes(2, "little")
     ) + b"\xef"

@@ -238,6 +238,8 @@ def measure_runner(
 
 @dataclass
 class DiskWrite:
+    """One pass of the guest writing to one disk model, with QEMU's block statistics."""
+
     disk: str  # "IDE (emulated)" | "virtio-blk (paravirtual)"
     kind: str
     guest_device: str

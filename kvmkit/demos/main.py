@@ -43,6 +43,8 @@ def parse_steps(text: str) -> tuple[str, ...]:
 
 @dataclass
 class DemoOptions:
+    """What ``kvmkit demo`` was asked for: quick mode, report folder, Linux guests, steps."""
+
     quick: bool = False
     report: Path | None = None
     linux: bool = True

@@ -18,6 +18,8 @@ from kvmkit.ui import make_table
 
 
 class Progress:
+    """The demo's narration on a rich console: step headings, explanations and tables."""
+
     def __init__(self, out: TextIO = sys.stdout) -> None:
         self.console = Console(
             file=out, highlight=False, width=None if out.isatty() else 120, soft_wrap=False

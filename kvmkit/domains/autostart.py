@@ -1,4 +1,4 @@
-"""Autostart at host boot: a systemd unit that runs ``kvmkit vm autostart --run``.
+r"""Autostart at host boot: a systemd unit that runs ``kvmkit vm autostart --run``.
 
 ::
 

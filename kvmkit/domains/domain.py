@@ -65,7 +65,7 @@ class StartReport:
 
 
 def _affect(live: bool | None, config: bool | None, running: bool, name: str) -> tuple[bool, bool]:
-    """virsh's ``--live``/``--config``/``--current``: which of the two to change."""
+    """Virsh's ``--live``/``--config``/``--current``: which of the two to change."""
     if not live and not config:
         return running, not running
     if live and not running:
@@ -336,7 +336,7 @@ class Domain:
     async def set_memory(
         self, size: int, *, live: bool | None = None, config: bool | None = None
     ) -> float | None:
-        """virsh ``setmem``: ``size`` bytes (whole MiB) as the balloon target of the running
+        """Virsh ``setmem``: ``size`` bytes (whole MiB) as the balloon target of the running
         guest (``live``) and/or the memory after the next start (``config``).  Returns the
         guest's actual size in MiB after a live change."""
         mib = mib_from_bytes(size, "memory")
@@ -356,7 +356,7 @@ class Domain:
         return actual
 
     def set_max_memory(self, size: int) -> Definition:
-        """virsh ``setmaxmem --config``: the RAM QEMU boots with from the next start; the
+        """Virsh ``setmaxmem --config``: the RAM QEMU boots with from the next start; the
         current memory is lowered to it when above."""
         mib = mib_from_bytes(size, "maximum memory")
         current = min(self.definition.current_mib, mib)
@@ -365,7 +365,7 @@ class Domain:
     # -- disks ---------------------------------------------------------------------------------
 
     async def block_list(self, *, inactive: bool = False) -> list[dict[str, Any]]:
-        """virsh ``domblklist``: target and source of each disk, from the running QEMU
+        """Virsh ``domblklist``: target and source of each disk, from the running QEMU
         (its block nodes) or, when shut off or ``inactive``, from the definition."""
         if inactive or not self.is_active():
             return [{"target": d.target, "source": d.source} for d in self.definition.disks]
@@ -382,7 +382,7 @@ class Domain:
         live: bool | None = None,
         config: bool | None = None,
     ) -> Disk:
-        """virsh ``attach-disk``: hot-add ``source`` as ``target`` (default: the first free
+        """Virsh ``attach-disk``: hot-add ``source`` as ``target`` (default: the first free
         ``vdX``) and/or add it to the definition."""
         live, config = _affect(live, config, self.is_active(), self.name)
         with self.store.lock(self.name):
@@ -411,7 +411,7 @@ class Domain:
         config: bool | None = None,
         timeout: float = 15.0,
     ) -> str:
-        """virsh ``detach-disk``: remove the disk named by ``target`` (``vdb``) or by its
+        """Virsh ``detach-disk``: remove the disk named by ``target`` (``vdb``) or by its
         ``source`` path from the running guest (waits for DEVICE_DELETED) and/or the
         definition.  Returns the target."""
         check_finite(timeout, "timeout (s)", 0, 3600)
@@ -453,7 +453,7 @@ class Domain:
         config: bool | None = None,
         maximum: bool = False,
     ) -> int:
-        """virsh ``setvcpus``: plug CPUs into the running guest until it has ``count``
+        """Virsh ``setvcpus``: plug CPUs into the running guest until it has ``count``
         (``live``; waits until the guest has them online when it runs kvmkit's shell)
         and/or set the vCPUs of the next start (``config``); with ``maximum``, the
         hotplug ceiling of the next start instead (config only).  Unplugging is refused
@@ -509,7 +509,7 @@ class Domain:
                 return count
 
     async def interfaces(self, *, inactive: bool = False) -> list[dict[str, Any]]:
-        """virsh ``domiflist``: MAC, type and model of each NIC (running QEMU's, or the
+        """Virsh ``domiflist``: MAC, type and model of each NIC (running QEMU's, or the
         definition's when shut off or ``inactive``)."""
         if inactive or not self.is_active():
             return [
@@ -529,7 +529,7 @@ class Domain:
         config: bool | None = None,
         timeout: float = 20.0,
     ) -> Nic:
-        """virsh ``attach-interface``: a virtio NIC on a user-mode network, hot-added
+        """Virsh ``attach-interface``: a virtio NIC on a user-mode network, hot-added
         (``live``; waits until the guest sees it when it runs kvmkit's shell) and/or in
         the definition (``config``).  ``mac`` defaults to a new random one."""
         check_finite(timeout, "timeout (s)", 0, 3600)
@@ -567,7 +567,7 @@ class Domain:
         config: bool | None = None,
         timeout: float = 15.0,
     ) -> str:
-        """virsh ``detach-interface``: remove the NIC with ``mac`` (may be left out when
+        """Virsh ``detach-interface``: remove the NIC with ``mac`` (may be left out when
         there is only one) from the running guest (waits for DEVICE_DELETED) and/or the
         definition.  Returns its MAC."""
         check_finite(timeout, "timeout (s)", 0, 3600)
@@ -596,7 +596,7 @@ class Domain:
     # -- information ---------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        """virsh ``dominfo``: name, state, CPUs, max memory, used memory, persistent,
+        """Virsh ``dominfo``: name, state, CPUs, max memory, used memory, persistent,
         autostart; plus PID and accelerator while it runs."""
         definition = self.definition
         state = self.run_state()
@@ -622,7 +622,7 @@ class Domain:
     # -- display -----------------------------------------------------------------------------
 
     async def display_uri(self) -> str:
-        """virsh ``domdisplay``: the running guest's VNC address, ``vnc://127.0.0.1:5900``
+        """Virsh ``domdisplay``: the running guest's VNC address, ``vnc://127.0.0.1:5900``
         (a port; QEMU listens on the loopback only).  DomainError when it has none."""
         async with self.qmp() as qmp:
             uri = await vnc_uri(qmp)
@@ -634,10 +634,10 @@ class Domain:
         return uri
 
     async def screenshot(self, out: str | Path) -> Path:
-        """virsh ``screenshot``: the guest's screen as a PNG file at ``out`` (QMP
+        """Virsh ``screenshot``: the guest's screen as a PNG file at ``out`` (QMP
         ``screendump`` with ``format: png``, QEMU >= 7.1), replaced atomically."""
-        target = Path(out).absolute()
-        if not target.parent.is_dir():
+        target = Path(out).absolute()  # noqa: ASYNC240 - getcwd, no disk access
+        if not target.parent.is_dir():  # noqa: ASYNC240 - one local stat, checked up front
             raise DomainError(f"{target.parent} is not a directory")
         shot = self.run_path("screen.png")  # QEMU writes into its own run folder
         try:

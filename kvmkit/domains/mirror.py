@@ -69,7 +69,7 @@ async def replay(dest: QMPClient, hot: HotDevices) -> None:
 
 
 def _pci_addresses(buses: list[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
-    """qdev id -> (bus, slot, function) of every PCI device, behind bridges too."""
+    """Map each qdev id -> (bus, slot, function) of every PCI device, behind bridges too."""
     found: dict[str, tuple[int, ...]] = {}
 
     def walk(devices: list[dict[str, Any]]) -> None:

@@ -1,4 +1,4 @@
-"""A typed, safe wrapper over the KVM ioctls: one class per file descriptor.
+r"""A typed, safe wrapper over the KVM ioctls: one class per file descriptor.
 
 >>> from kvmkit.kvm import Kvm
 >>> vm = Kvm().create_vm()

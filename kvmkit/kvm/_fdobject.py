@@ -3,6 +3,7 @@ closing, and one place that turns a failed ioctl into a :class:`KvmIoctlError`."
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -76,7 +77,5 @@ class FdObject:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

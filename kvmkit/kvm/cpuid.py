@@ -13,6 +13,8 @@ KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 @dataclass(frozen=True)
 class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``: the registers CPUID returns for (function, index)."""
+
     function: int
     index: int = 0
     flags: int = 0

@@ -3,6 +3,7 @@ KVM memory slots with bounds-checked access."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -231,10 +232,9 @@ class GuestMemory:
             return
         self._view.release()
         self._view = None
-        try:
+        # BufferError: a caller still holds a view; the mapping goes when that view does.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            pass  # a caller still holds a view; the mapping goes when that view does
 
     def __repr__(self) -> str:
         flags = [n for n, on in (("readonly", self.readonly), ("log_dirty", self.log_dirty)) if on]

@@ -74,6 +74,8 @@ _TSS_LIMIT = _TSS_SIZE + _IO_BITMAP_BYTES
 
 
 class Mode(str, enum.Enum):
+    """The CPU mode :func:`setup_mode` puts a vCPU in before its first run."""
+
     REAL = "real"
     PROTECTED = "protected"
     LONG = "long"

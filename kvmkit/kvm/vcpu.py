@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import signal
@@ -451,7 +452,7 @@ class Vcpu(FdObject):
 
     # ---- dirty ring (KVM_CAP_DIRTY_LOG_RING) -------------------------------------------
     def dirty_ring(self) -> DirtyRing:
-        """This vCPU's dirty ring, mapped on first use.  The VM must have enabled the ring
+        """Return this vCPU's dirty ring, mapped on first use.  The VM must have enabled the ring
         (:meth:`Vm.enable_dirty_ring`) before this vCPU was created."""
         self._check_open()
         ring = getattr(self, "_dirty_ring", None)
@@ -569,10 +570,9 @@ class Vcpu(FdObject):
         self._run_ptr.immediate_exit = 1
         thread = self._running_thread
         if thread is not None:
-            try:
+            # The thread may have left run() meanwhile; immediate_exit still holds.
+            with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(thread, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass  # the thread left run() meanwhile; immediate_exit still holds
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.index}{' closed' if self.closed else ''}>"

@@ -120,7 +120,7 @@ class SerialConsole:
         await self.send(text.encode() + b"\n")
 
     async def run(self, command: str, timeout: float = 30.0, *, check: bool = True) -> str:
-        """Run ``command`` in the guest's shell and return its output (``\\r\\n`` folded to
+        r"""Run ``command`` in the guest's shell and return its output (``\\r\\n`` folded to
         ``\\n``, without the echoed command line).  Raises ConsoleError when ``check`` and
         the command's status is not 0.  The guest must be at its shell prompt."""
         async with self._run_lock:

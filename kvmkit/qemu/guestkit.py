@@ -21,6 +21,7 @@ concurrently: each builds in a private temporary directory renamed into place at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -408,10 +409,8 @@ def build_kit(
         final = root / kernel_version
         if final.exists() and (force or not _is_current(final)):
             # Move the stale kit aside first so the swap below stays a single rename.
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 final.rename(tmp / "old")
-            except FileNotFoundError:
-                pass
         try:
             out.rename(final)
         except OSError:

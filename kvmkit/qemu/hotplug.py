@@ -18,6 +18,7 @@ eject, so ``device_del`` would never complete.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -156,10 +157,8 @@ async def blockdev_del(qmp: QMPClient, node: str) -> None:
 
 
 async def _blockdev_del_quietly(qmp: QMPClient, node: str) -> None:
-    try:
+    with contextlib.suppress(ExecuteError):
         await qmp.execute("blockdev-del", {"node-name": node})
-    except ExecuteError:
-        pass
 
 
 @dataclass
@@ -276,10 +275,8 @@ async def nic_devices(qmp: QMPClient) -> list[dict[str, str]]:
 
 
 async def _netdev_del_quietly(qmp: QMPClient, netdev: str) -> None:
-    try:
+    with contextlib.suppress(ExecuteError):
         await qmp.execute("netdev_del", {"id": netdev})
-    except ExecuteError:
-        pass
 
 
 async def remove_nic(qmp: QMPClient, nic_id: str, *, timeout: float = 15.0) -> float:

@@ -57,6 +57,8 @@ from kvmkit.qmp import ConnectError, QMPClient, QMPError, open_qmp
 
 
 class State(enum.Enum):
+    """Where a :class:`QemuMachine` is in its life, from launch to shutdown or detach."""
+
     NEW = "new"
     LAUNCHING = "launching"
     RUNNING = "running"  # the QEMU process is up (the guest may be paused)
@@ -294,7 +296,8 @@ class QemuMachine(trio.abc.AsyncResource):
                 paused=True,
                 incoming=self.incoming,
             )
-            with open(self.log_path, "wb") as log:
+            # QEMU's stdout/stderr need a real fd; opening a local log file does not block.
+            with open(self.log_path, "wb") as log:  # noqa: ASYNC230
                 try:
                     self._process = await trio.lowlevel.open_process(
                         self.cmdline,
@@ -529,7 +532,8 @@ class QemuMachine(trio.abc.AsyncResource):
             await self._ladder(False, None)
 
     async def _ladder(self, graceful: bool, qmp: QMPClient | None) -> None:
-        """powerdown → quit → SIGTERM → SIGKILL; each rung only if QEMU is still there."""
+        """Shut down by the ladder powerdown → quit → SIGTERM → SIGKILL; each rung only if
+        QEMU is still there."""
         assert self._process is not None
         if qmp is not None and qmp.closed:
             qmp = None  # nobody to talk to: straight to the signals

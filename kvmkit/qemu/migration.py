@@ -242,8 +242,10 @@ async def _cancel_and_restore(source: QMPClient, was_running: bool) -> None:
     again if it ran before.  Best effort: never raises."""
     try:
         await source.execute("migrate_cancel", timeout=5)
+        # Polling, not an event: query-migrate is the one place QEMU reports that a
+        # cancelled migration has ended; the loop is bounded by move_on_after.
         with trio.move_on_after(15):
-            while (await source.execute("query-migrate")).get("status") in (
+            while (await source.execute("query-migrate")).get("status") in (  # noqa: ASYNC110
                 "active",
                 "setup",
                 "cancelling",
@@ -409,7 +411,7 @@ async def restore_from_file(
 ) -> str:
     """Load a state saved by :func:`save_to_file` into an ``-incoming defer`` QEMU; resume
     it if ``resume``.  Returns the final run state."""
-    if not Path(path).is_file():
+    if not Path(path).is_file():  # noqa: ASYNC240 - one local stat before QEMU reads it
         raise MigrationError(f"no saved state at {path}")
     await prepare_incoming(dest, exec_restore_uri(path))
     return await finish_incoming(dest, resume=resume, timeout=timeout)

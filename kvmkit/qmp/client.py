@@ -18,7 +18,7 @@ import heapq
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
@@ -364,10 +364,8 @@ class QMPClient(trio.abc.AsyncResource):
         self._listeners.append(listener)
 
     def _remove_listener(self, listener: EventListener) -> None:
-        try:
+        with suppress(ValueError):
             self._listeners.remove(listener)
-        except ValueError:
-            pass
 
     # -- schema ------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ class StatefulDevice(Protocol):
 
 
 class PortDevice(Protocol):
+    """A device on the port-I/O bus: the runner calls it for each IN/OUT in its range."""
+
     name: str
 
     def io_out(self, port: int, size: int, data: bytes) -> None: ...
@@ -36,6 +38,8 @@ class PortDevice(Protocol):
 
 
 class MmioDevice(Protocol):
+    """A device on the MMIO bus: the runner calls it for each access in its range."""
+
     name: str
 
     def mmio_write(self, addr: int, data: bytes) -> None: ...
@@ -53,7 +57,7 @@ class Bus:
         self._mmio: list[tuple[int, int, MmioDevice]] = []
 
     def register_ports(self, base: int, count: int, device: PortDevice) -> None:
-        if not (0 <= base and base + count <= 0x10000 and count > 0):
+        if not (base >= 0 and base + count <= 0x10000 and count > 0):
             raise BusError(f"{device.name}: port range {base:#x}+{count} is outside 0..0xffff")
         for port in range(base, base + count):
             if port in self.ports:

@@ -142,6 +142,6 @@ def test_struct_sizes_and_offsets_match_gcc(tmp_path: Path) -> None:
 def test_exit_kinds_agree_between_the_c_fast_path_and_python() -> None:
     from kvmkit.runner.stats import KINDS
 
-    assert lib.KVMKIT_NR_KINDS == len(KINDS)
+    assert len(KINDS) == lib.KVMKIT_NR_KINDS
     for i, name in enumerate(KINDS):
         assert getattr(lib, f"KVMKIT_KIND_{name.upper()}") == i, name

@@ -3,6 +3,7 @@ tests start, and a session-end check that no QEMU process, socket or directory s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,10 +40,8 @@ def qemu_base() -> Iterator[Path]:
     yield base
     survivors = _processes_mentioning(str(base))
     for pid in survivors:  # never leave them running, but fail loudly
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     leftovers = sorted(p.name for p in base.iterdir())
     for path in base.iterdir():
         shutil.rmtree(path, ignore_errors=True)

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -53,10 +54,15 @@ async def test_killed_destination_mid_migration_leaves_the_source_running(
         async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as dst:
             uri = await mig.prepare_incoming(dst.qmp, "tcp:127.0.0.1:0")
             seen: list[str] = []
+            migrating = trio.Event()
+
+            def on_progress(info: dict[str, Any]) -> None:
+                seen.append(info["status"])
+                if info["status"] == "active":
+                    migrating.set()
 
             async def kill_destination_once_migrating() -> None:
-                while "active" not in seen:
-                    await trio.sleep(0.05)
+                await migrating.wait()
                 assert dst.pid is not None
                 os.kill(dst.pid, signal.SIGKILL)  # a QEMU this test started
 
@@ -68,7 +74,7 @@ async def test_killed_destination_mid_migration_leaves_the_source_running(
                         uri,
                         options=slow,
                         timeout=120,
-                        progress=lambda i: seen.append(i["status"]),
+                        progress=on_progress,
                         poll_interval=0.05,
                     )
             assert "active" in seen

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import qemu.qmp
 import trio
+import trio.lowlevel
 import trio.testing
 
 from kvmkit.qmp import (
@@ -65,7 +66,7 @@ async def test_message_split_across_reads(fake_pair: Any, nursery: trio.Nursery)
         greeting = json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\n"
         for i in range(len(greeting)):  # one byte per write
             await server.send_raw(greeting[i : i + 1])
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         request = await server.recv()
         await server.send({"return": {}, **server.id_of(request)})
         request = await server.recv()
@@ -460,31 +461,31 @@ async def test_listener_filters_and_overflow(fake_pair: Any, nursery: trio.Nurse
         sent.set()
 
     nursery.start_soon(serve)
-    async with open_qmp(client_end) as qmp:
-        async with (
-            qmp.listen("DEVICE_DELETED", match={"path": {"bus": "pci"}}) as pci,
-            qmp.listen(buffer=3) as small,
-            qmp.listen(buffer=3, overflow="drop-oldest") as recent,
-            qmp.listen("OTHER", "DEVICE_DELETED", match={"device": "d4"}) as d4,
-        ):
-            await qmp.execute("sync")
-            got = [device(await pci.get(1)) for _ in range(5)]
-            assert got == ["d1", "d3", "d5", "d7", "d9"]
-            assert pci.pending() == 0
-            # "error" policy: the 3 buffered events, then the overflow is reported
-            assert [device(await small.get(1)) for _ in range(3)] == [
-                "d0",
-                "d1",
-                "d2",
-            ]
-            with pytest.raises(EventOverflowError, match="8 events were lost"):
-                await small.get(1)
-            # "drop-oldest" keeps the newest three
-            names = [(await recent.get(1))["event"] for _ in range(3)]
-            assert names == ["DEVICE_DELETED", "DEVICE_DELETED", "OTHER"]
-            assert recent.dropped == 8
-            assert device(await d4.get(1)) == "d4"
-            assert d4.pending() == 0
+    async with (
+        open_qmp(client_end) as qmp,
+        qmp.listen("DEVICE_DELETED", match={"path": {"bus": "pci"}}) as pci,
+        qmp.listen(buffer=3) as small,
+        qmp.listen(buffer=3, overflow="drop-oldest") as recent,
+        qmp.listen("OTHER", "DEVICE_DELETED", match={"device": "d4"}) as d4,
+    ):
+        await qmp.execute("sync")
+        got = [device(await pci.get(1)) for _ in range(5)]
+        assert got == ["d1", "d3", "d5", "d7", "d9"]
+        assert pci.pending() == 0
+        # "error" policy: the 3 buffered events, then the overflow is reported
+        assert [device(await small.get(1)) for _ in range(3)] == [
+            "d0",
+            "d1",
+            "d2",
+        ]
+        with pytest.raises(EventOverflowError, match="8 events were lost"):
+            await small.get(1)
+        # "drop-oldest" keeps the newest three
+        names = [(await recent.get(1))["event"] for _ in range(3)]
+        assert names == ["DEVICE_DELETED", "DEVICE_DELETED", "OTHER"]
+        assert recent.dropped == 8
+        assert device(await d4.get(1)) == "d4"
+        assert d4.pending() == 0
 
 
 async def test_unusable_address_and_state_errors(fake_pair: Any, nursery: trio.Nursery) -> None:

@@ -59,7 +59,7 @@ def check(scratch: Path, data: bytes, vm: Vm | None = None, **kw: object) -> Loa
     loaded = [s for s in image.segments if s.memsz]
     assert loaded
     for seg in loaded:
-        assert 0 <= seg.addr and seg.end <= RAM, seg.describe()
+        assert seg.addr >= 0 and seg.end <= RAM, seg.describe()
         assert seg.end <= RESERVED[0] or seg.addr >= RESERVED[1], seg.describe()
         assert len(seg.data) <= seg.memsz
     assert any(s.addr <= image.entry < s.end for s in loaded)

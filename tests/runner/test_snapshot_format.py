@@ -15,7 +15,26 @@ from kvmkit.kvm.state import VcpuState, VmState
 from kvmkit.runner.snapshot import Manifest, MemoryRegion, SnapshotError, parse_manifest
 from kvmkit.runner.snapshot.format import capabilities_needed
 
-REGS = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+REGS = [
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+]
 
 
 def _valid_manifest(vcpus: int = 2) -> Manifest:

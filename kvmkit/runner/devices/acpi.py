@@ -1,4 +1,4 @@
-"""ACPI tables for the runner's PC, built as bytes and written into guest memory.
+r"""ACPI tables for the runner's PC, built as bytes and written into guest memory.
 
 What :func:`build_acpi_tables` lays out from :data:`ACPI_BASE` (0xF0000, inside the
 0xE0000-0xFFFFF area where the specification says a kernel searches for the RSDP and which
@@ -80,7 +80,7 @@ def _gas(port: int, length: int, access: int = 0) -> bytes:
 
 
 def build_dsdt() -> bytes:
-    """The DSDT: ``Name(\\_S5, Package(4){0, 0, 0, 0})`` and nothing else."""
+    r"""The DSDT: ``Name(\\_S5, Package(4){0, 0, 0, 0})`` and nothing else."""
     s5 = b"\x08_S5_" + bytes([0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00])
     return _sdt(b"DSDT", 2, s5)
 

@@ -39,6 +39,8 @@ MODE_DEFAULT = 0x61  # translate, IRQ 1 enabled, system flag (after BIOS POST)
 
 
 class I8042:
+    """The 8042 controller on ports 0x60/0x64; command 0xfe calls ``on_reset``."""
+
     name = "i8042"
 
     def __init__(self, on_reset: ResetHandler) -> None:

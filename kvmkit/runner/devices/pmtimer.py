@@ -1,4 +1,4 @@
-"""The ACPI power-management registers the FADT points at, where QEMU's PIIX4 puts them
+r"""The ACPI power-management registers the FADT points at, where QEMU's PIIX4 puts them
 (PM base 0x600, ``hw/acpi/piix4.c`` and ``hw/acpi/core.c``):
 
 - 0x600 PM1a event block: PM1_STS (16 bits, write 1 to clear) and PM1_EN (16 bits);

@@ -39,6 +39,7 @@ the boot ends (its thread stops and the ioeventfd is removed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -206,10 +207,8 @@ class PvRing:
         """Unhook the doorbell from the eventfd: the next one exits (and ends the run)."""
         if self._efd is None:
             return
-        try:
+        with contextlib.suppress(KvmkitError):  # the VM is being torn down
             self.vm.ioeventfd(self._efd, PVRING_DOORBELL, 4, deassign=True)
-        except KvmkitError:
-            pass  # the VM is being torn down
         # the fd itself is closed by close(), after the consumer thread has stopped
 
     # ---- life cycle and state -------------------------------------------------------------
