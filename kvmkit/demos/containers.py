@@ -41,12 +41,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kvmkit.demos.progress import Say, Task
 
 COUNTS = (1, 4, 8)
 LINUX_COUNTS = (1, 4)
@@ -63,9 +63,6 @@ EXPLANATION = (
     "output, then weigh it: an LXC busybox container, a kvmkit minimal VM running the "
     "'hello' guest, and a Linux guest under QEMU on the 'microvm' and on the 'pc' machine."
 )
-
-Say = Callable[[str], None]
-Task = Callable[[str], AbstractContextManager[Any]]
 
 
 @dataclass

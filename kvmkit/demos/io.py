@@ -31,12 +31,11 @@ import re
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmkit.demos.progress import Say, Task
 from kvmkit.runner.context import Console
 from kvmkit.sizes import format_size
 
@@ -60,8 +59,6 @@ EXPLANATION = (
     "Linux guest writing to an emulated IDE disk and to a virtio-blk disk under QEMU."
 )
 
-Say = Callable[[str], None]
-Task = Callable[[str], AbstractContextManager[Any]]
 _CRC = re.compile(r"pvio: (\w+) (\d+) bytes crc32 (0x[0-9a-f]+)")
 
 

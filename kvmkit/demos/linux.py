@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from kvmkit.demos.progress import Say
 from kvmkit.qemu import guestkit, hotplug, qemu_img
 from kvmkit.qemu import migration as mig
 from kvmkit.qemu.config import guest_kit_config
@@ -20,7 +20,6 @@ from kvmkit.qemu.machine import QemuMachine
 COUNTER = (
     "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done) >/dev/null 2>&1 &"
 )
-Say = Callable[[str], None]
 
 
 async def _counter(machine: QemuMachine) -> int:

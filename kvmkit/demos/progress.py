@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.padding import Padding
 
 from kvmkit.ui import make_table
+
+#: How a step says one line of its own (``Progress.say``).
+Say = Callable[[str], None]
+#: How a step shows one timed task (``Progress.task``), used as ``with task("label"):``.
+Task = Callable[[str], AbstractContextManager[Any]]
 
 
 class Progress:
