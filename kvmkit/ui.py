@@ -92,27 +92,33 @@ def print_json(data: Any) -> None:
 
 @contextmanager
 def progress(description: str, *, total: float | None = None) -> Iterator[Any]:
-    """A live progress bar (or spinner without ``total``) on a terminal; a plain start
-    line elsewhere.  Yields a callable ``advance(amount=1, description=None)``."""
+    """A live progress bar on a terminal (pulsing until a total is known); one plain line
+    per new description elsewhere.  Yields ``advance(amount=1, description=None,
+    total=None)``: ``total`` may be given (or changed) on any call."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = err_console
     if not console.is_terminal:
         console.print(f"... {description}")
+        shown = [description]
 
-        def advance_plain(amount: float = 1, description: str | None = None) -> None:
-            return None
+        def advance_plain(
+            amount: float = 1, description: str | None = None, total: float | None = None
+        ) -> None:
+            if description is not None and description != shown[-1]:
+                shown.append(description)
+                console.print(f"... {description}")
 
         yield advance_plain
         return
-    columns = [SpinnerColumn(), TextColumn("{task.description}")]
-    if total is not None:
-        columns.append(BarColumn())
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
     columns.append(TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
 
-        def advance(amount: float = 1, description: str | None = None) -> None:
-            bar.update(task, advance=amount, description=description)
+        def advance(
+            amount: float = 1, description: str | None = None, total: float | None = None
+        ) -> None:
+            bar.update(task, advance=amount, description=description, total=total)
 
         yield advance

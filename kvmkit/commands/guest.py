@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,22 +15,24 @@ if TYPE_CHECKING:
     from kvmkit.qemu import guestkit
 
 
-def _progress_printer() -> guestkit.Progress:
-    tty = sys.stderr.isatty()
-    start = time.monotonic()
+@contextmanager
+def _progress(quiet: bool, what: str) -> Iterator[guestkit.Progress | None]:
+    """Steps of a kit or ISO build as one rich progress bar (``None`` when quiet)."""
+    if quiet:
+        yield None
+        return
+    from kvmkit.ui import progress
 
-    def show(step: str, done: int, total: int) -> None:
-        width = 24
-        filled = width * done // total
-        bar = "#" * filled + "." * (width - filled)
-        line = f"[{bar}] {done}/{total} {step} ({time.monotonic() - start:.1f} s)"
-        if tty:
-            end = "\n" if done == total else ""
-            print(f"\r\033[K{line}", end=end, file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+    with progress(what) as advance:
+        done_before = [0]
 
-    return show
+        def show(step: str, done: int, total: int) -> None:
+            advance(
+                done - done_before[0], description=f"{what}: {step} {done}/{total}", total=total
+            )
+            done_before[0] = done
+
+        yield show
 
 
 def _describe(kit: guestkit.GuestKit) -> dict[str, Any]:
@@ -51,13 +53,14 @@ def _describe(kit: guestkit.GuestKit) -> dict[str, Any]:
 def _build(args: argparse.Namespace) -> int:
     from kvmkit.qemu import guestkit
 
-    kit = guestkit.build_kit(
-        args.kernel_version,
-        kernel_image=Path(args.kernel) if args.kernel else None,
-        modules_dir=Path(args.modules) if args.modules else None,
-        force=args.force,
-        progress=None if args.quiet else _progress_printer(),
-    )
+    with _progress(args.quiet, "guest kit") as progress:
+        kit = guestkit.build_kit(
+            args.kernel_version,
+            kernel_image=Path(args.kernel) if args.kernel else None,
+            modules_dir=Path(args.modules) if args.modules else None,
+            force=args.force,
+            progress=progress,
+        )
     boot = "PVH ELF (fast boot)" if kit.boots_pvh else "bzImage"
     print(f"guest kit {kit.kernel_version} ready in {kit.directory} (boots {boot})")
     return 0
@@ -66,11 +69,8 @@ def _build(args: argparse.Namespace) -> int:
 def _iso(args: argparse.Namespace) -> int:
     from kvmkit.qemu import installer
 
-    out = installer.build_iso(
-        Path(args.out),
-        args.kernel_version,
-        progress=None if args.quiet else _progress_printer(),
-    )
+    with _progress(args.quiet, "installer ISO") as progress:
+        out = installer.build_iso(Path(args.out), args.kernel_version, progress=progress)
     size = out.stat().st_size / 2**20
     print(
         f"installer ISO {out} ({size:.1f} MiB); install with `kvmkit vm create NAME "

@@ -65,7 +65,7 @@ def _address(text: str) -> int:
 
 
 def _one_line_error(prog: str) -> Callable[[str], NoReturn]:
-    """argparse's ``error`` without the usage block: bad input gets one line."""
+    """Argparse's ``error`` without the usage block: bad input gets one line."""
 
     def error(message: str) -> NoReturn:
         print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
@@ -181,7 +181,7 @@ def _resolve_image(name: str) -> Path:
 
 
 def _forwardable_stdin() -> int | None:
-    """fd 0 when it is a pipe, or a terminal whose foreground we are (reading a terminal
+    """Fd 0 when it is a pipe, or a terminal whose foreground we are (reading a terminal
     from the background would stop the whole process with SIGTTIN), else None."""
     try:
         mode = os.fstat(0).st_mode

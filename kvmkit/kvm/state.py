@@ -40,7 +40,26 @@ MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 DEFERRED_MSRS = (MSR_IA32_TSC_DEADLINE,)
 
-_REG_NAMES = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+_REG_NAMES = [
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+]
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
