@@ -12,6 +12,8 @@
  * interrupts on: the timer interrupt enters the CPL-0 handler through the TSS stack and
  * returns to user mode.  `cpl=0` keeps it all at CPL 0.  With more CPUs (fw_cfg), the
  * others are started and halt, so their state is part of every snapshot.
+ * `mark=1` makes the waits issue MARK hypercalls ("tick") instead of PAUSE, so the host
+ * sees the guest run within microseconds of a restore (benchmarks/bench_snapshot.py).
  * Exits 2 for a bad argument (span beyond RAM or 1 GiB, zero ticks or rate).
  */
 #include "pc.h"
@@ -23,7 +25,7 @@
 
 extern char kk_user_stack_top[];
 
-static u64 span_pages, rate, ticks;
+static u64 span_pages, rate, ticks, marks;
 static volatile u64 *span;
 
 static inline u64 mix(u64 x)
@@ -40,8 +42,12 @@ static void work(void)
 {
     u64 state = 0x9e3779b97f4a7c15UL, sum = 0;
     for (u64 t = 0; t < ticks; t++) {
-        while (kk_irq_count[VEC_TICK] <= t) /* pace: wait for tick t */
-            kk_pause();
+        while (kk_irq_count[VEC_TICK] <= t) { /* pace: wait for tick t */
+            if (marks)
+                kk_mark("tick");
+            else
+                kk_pause();
+        }
         for (u64 i = 0; i < rate; i++) {
             state = state * 6364136223846793005UL + 1442695040888963407UL;
             u64 page = (state >> 17) % span_pages;
@@ -75,6 +81,7 @@ int main(void)
     u64 mem = kk_arg_u64("mem", 16), hz = kk_arg_u64("hz", 100);
     rate = kk_arg_u64("rate", 256);
     ticks = kk_arg_u64("ticks", 100);
+    marks = kk_arg_u64("mark", 0);
     unsigned cpl = kk_arg_cpl();
     u64 ram = 0;
     kk_fw_cfg_read(KK_FW_CFG_RAM_SIZE, &ram, sizeof(ram));

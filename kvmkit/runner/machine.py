@@ -486,6 +486,7 @@ def _run_vcpus(
         started(stop_all)
     reason_override: str | None = None
     action_detail = ""
+    action_error: BaseException | None = None
     try:
         if action is not None:
             delay, fn = action
@@ -494,7 +495,11 @@ def _run_vcpus(
             reason_override = _wait_for_end(loops, finished, wait_until, watch=config.irqchip)
             if reason_override == "timeout" and (deadline is None or act_at < deadline):
                 reason_override = None
-                ended_by = fn()
+                try:
+                    ended_by = fn()
+                except BaseException as exc:  # stop and join the vCPUs first, then raise
+                    action_error = exc
+                    ended_by = ("error", f"{exc}")
                 if ended_by is not None:
                     reason_override, action_detail = ended_by
         if reason_override is None and not finished.is_set():
@@ -511,6 +516,8 @@ def _run_vcpus(
             if t.is_alive():  # a vCPU still blocked (e.g. an AP waiting for SIPI)
                 for v in vcpus:
                     v.kick()
+    if action_error is not None:
+        raise action_error
     wall = time.monotonic() - start
     stats = RunStats.merge([lp.stats for lp in loops], ctx.marks, wall, ctx.marks_dropped)
     result = RunResult(
@@ -831,6 +838,7 @@ class Machine:
             )
         finally:
             self._stop_all = None
+            self.resume()  # a pause left by snapshot(resume=False) or a migration
             self._feeding.set()
             if self._feeder is not None:
                 self._feeder.join()

@@ -184,3 +184,9 @@ def test_cli_refuses_a_missing_snapshot(tmp_path: Path) -> None:
 def test_cli_snapshot_needs_both_options(tmp_path: Path) -> None:
     p = _kvmkit("run", "dirty", "--snapshot", str(tmp_path / "s"))
     assert p.returncode == 2 and "go together" in p.stderr
+
+
+def test_cli_snapshot_that_cannot_be_written_is_a_clear_error() -> None:
+    p = _kvmkit("run", "dirty", "--snapshot", "/proc/kvmkit-no-snapshot", "--snapshot-after", "0.2")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("kvmkit run: error: cannot create")
