@@ -268,17 +268,17 @@ def run(quick: bool = False) -> list[Result]:
         cases += [(128 * MiB, r, f"128 MiB, {r} words/tick") for r in (256, 2048, 8192)]
         base: dict[str, float] = {}
         for i, (mem, rate, label) in enumerate(cases):
-            runs = [
+            mig = [
                 _migrate(kvm, image, mem, rate, f"unix:{tmp}/m{i}-{j}.sock") for j in range(2 * n)
             ]
-            a, b = runs[:n], runs[n:]
-            total = _median([r["total_ms"] for r in a])
-            down = _median([r["downtime_ms"] for r in a])
+            ma, mb = mig[:n], mig[n:]
+            total = _median([r["total_ms"] for r in ma])
+            down = _median([r["downtime_ms"] for r in ma])
             if i == 0:
                 base = {"total": total, "down": down}
             extra = {
-                "rounds": [r["rounds"] for r in runs],
-                "mib_sent": [round(r["mib"], 1) for r in runs],
+                "rounds": [r["rounds"] for r in mig],
+                "mib_sent": [round(r["mib"], 1) for r in mig],
                 "dirty_mib_s": rate * 100 * 4096 / MiB,
             }
             results.append(
@@ -289,7 +289,7 @@ def run(quick: bool = False) -> list[Result]:
                     "ms",
                     baseline_case="128 MiB nearly idle: total time",
                     baseline=base["total"],
-                    check=_median([r["host_total_ms"] for r in a]),
+                    check=_median([r["host_total_ms"] for r in ma]),
                     check_method=HOST_CLOCK,
                     extra=extra,
                 )
@@ -303,7 +303,7 @@ def run(quick: bool = False) -> list[Result]:
                     baseline_case="128 MiB nearly idle: downtime",
                     baseline=base["down"],
                     target="<= 5 ms" if i == 0 else None,
-                    check=_median([r["downtime_ms"] for r in b]),
+                    check=_median([r["downtime_ms"] for r in mb]),
                     check_method=SECOND_BATCH,
                     extra=extra,
                 )

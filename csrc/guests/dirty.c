@@ -12,6 +12,7 @@
  * interrupts on: the timer interrupt enters the CPL-0 handler through the TSS stack and
  * returns to user mode.  `cpl=0` keeps it all at CPL 0.  With more CPUs (fw_cfg), the
  * others are started and halt, so their state is part of every snapshot.
+ * `print=N` prints "dirty: tick T" every N ticks (0, the default: never).
  * `mark=1` makes the waits issue MARK hypercalls ("tick") instead of PAUSE, so the host
  * sees the guest run within microseconds of a restore (benchmarks/bench_snapshot.py).
  * Exits 2 for a bad argument (span beyond RAM or 1 GiB, zero ticks or rate).
@@ -25,7 +26,7 @@
 
 extern char kk_user_stack_top[];
 
-static u64 span_pages, rate, ticks, marks;
+static u64 span_pages, rate, ticks, marks, every;
 static volatile u64 *span;
 
 static inline u64 mix(u64 x)
@@ -48,6 +49,8 @@ static void work(void)
             else
                 kk_pause();
         }
+        if (every && t % every == 0)
+            kk_printf("dirty: tick %lu\n", t);
         for (u64 i = 0; i < rate; i++) {
             state = state * 6364136223846793005UL + 1442695040888963407UL;
             u64 page = (state >> 17) % span_pages;
@@ -82,6 +85,7 @@ int main(void)
     rate = kk_arg_u64("rate", 256);
     ticks = kk_arg_u64("ticks", 100);
     marks = kk_arg_u64("mark", 0);
+    every = kk_arg_u64("print", 0);
     unsigned cpl = kk_arg_cpl();
     u64 ram = 0;
     kk_fw_cfg_read(KK_FW_CFG_RAM_SIZE, &ram, sizeof(ram));

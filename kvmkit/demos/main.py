@@ -170,6 +170,20 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     except Exception as exc:
         failed("containers", exc)
 
+    # 6 ------------------------------------------------------------------------------
+    from kvmkit.demos import snapshots
+
+    p.step(6, "snapshot, clone and live-migrate a running VM", snapshots.EXPLANATION)
+    if reason := _no_kvm():
+        skipped("snapshots", reason)
+    else:
+        try:
+            figures["snapshots"] = snapshots.snapshots_step(
+                p.say, p.task, report=options.report, quick=options.quick
+            )
+        except Exception as exc:
+            failed("snapshots", exc)
+
     if options.report is not None:
         from kvmkit.demos.report import write_report
 

@@ -39,6 +39,7 @@ reports the value whole); 0 for halt, reset and poweroff (as QEMU's ``-no-reboot
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 import time
@@ -772,8 +773,10 @@ class Machine:
         """The bus's own devices (not the platform's), by name, each once."""
         assert self.bus is not None
         platform_ids = {id(d) for d in self.platform.devices.values()}
+        # a device's ports are consecutive: groupby on id() walks the 64 Ki ports in C
+        unique = {k: next(g) for k, g in itertools.groupby(self.bus.ports.values(), key=id)}
         out: dict[str, Any] = {}
-        for dev in self.bus.ports.values():
+        for dev in sorted(unique.values(), key=lambda d: d.name):
             if id(dev) not in platform_ids and hasattr(dev, "save"):
                 out.setdefault(dev.name, dev)
         return out
