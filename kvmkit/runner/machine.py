@@ -948,6 +948,7 @@ class Machine:
                 downtime_ms=downtime_ms,
                 max_rounds=max_rounds,
                 progress=progress,
+                machine=self.settings(),
             )
         except MigrationError:
             if paused:
@@ -987,21 +988,35 @@ class Machine:
 
         box: dict[str, Machine] = {}
 
+        def configure(m: Machine, settings: dict[str, Any]) -> None:
+            """Build the machine ``settings`` describe on ``m``'s VM (memory in place)."""
+            config, kind, mode = _config_from_settings(settings, echo=echo, error=ProtocolError)
+            m.config, m.kind, m.mode = config, kind, mode
+            m._add_platform()
+            m.vcpus = [m.vm.create_vcpu(i) for i in range(config.vcpus)]
+
         def prepare(layout: Any) -> Vm:
             vm = kvm.create_vm()
             placeholder = RunConfig(image=Path("incoming"), vcpus=layout.vcpu_count, echo=echo)
-            box["m"] = cls(placeholder, kvm, vm, Console(echo, limit=console_limit))
-            return add_layout_memory(vm, layout)
+            m = box["m"] = cls(placeholder, kvm, vm, Console(echo, limit=console_limit))
+            add_layout_memory(vm, layout)
+            if layout.machine:  # build it now, while the pages flow, not in the downtime
+                configure(m, layout.machine)
+                if m.config.vcpus != layout.vcpu_count:
+                    raise ProtocolError("the stream's vCPU count is not its machine's")
+                tables = m.platform.acpi  # the receiver wants all-zero memory to start
+                vm.write(tables.base, bytes(len(tables.blob)))
+            return vm
 
         def apply(vm: Vm, blob: bytes) -> None:
             st = MigratedState.from_bytes(blob)
-            config, kind, mode = _config_from_settings(st.machine, echo=echo, error=ProtocolError)
             m = box["m"]
-            m.config, m.kind, m.mode = config, kind, mode
-            m.ctx = RunContext(vm, console=m.console)
-            if config.vcpus != len(st.vcpus):
+            if m.bus is None:
+                configure(m, st.machine)
+            elif st.machine != m.settings():
+                raise ProtocolError("the migrated state's machine is not the one its hello named")
+            if m.config.vcpus != len(st.vcpus):
                 raise ProtocolError("the migrated state's vCPU count is not its machine's")
-            m._add_platform()
             m.vcpus = st.apply(vm)
             m.load_devices(st.devices, ProtocolError)
 
