@@ -383,6 +383,11 @@ def report(args: argparse.Namespace, result: Any, migration: dict[str, Any] | No
                     )
                     if result.reason == "crash":
                         print("  " + state["regs"].replace("\n", "\n  "), file=sys.stderr)
+        moment = getattr(args, "snapshot", None) or getattr(args, "migrate_to", None)
+        if moment and result.reason not in ("snapshot", "migrated"):
+            what = "no snapshot was written" if args.snapshot else "it was not migrated"
+            if not (migration or {}).get("error"):
+                print(f"kvmkit run: the run ended before that moment: {what}", file=sys.stderr)
         if getattr(args, "stats", False):
             print(result.stats.format_table(), file=sys.stderr)
     sys.stdout.flush()
