@@ -17,6 +17,9 @@ The constants below mirror ``csrc/guests/kvmkit_guest.h``, which documents the A
 - fw_cfg: 16-bit selector writes to :data:`PORT_FW_CFG_SELECTOR`, byte reads from
   :data:`PORT_FW_CFG_DATA`; keys :data:`FW_CFG_NB_CPUS` (u16) and :data:`FW_CFG_RAM_SIZE`
   (u64);
+- pvio sends bytes through the UART at :data:`PORT_COM1` and through the paravirtual
+  ring at :data:`PVRING_ADDR` (set up at :data:`PVRING_PORT`, doorbell
+  :data:`PVRING_DOORBELL`: :mod:`kvmkit.runner.devices.pvring`);
 - io-storm writes :data:`IO_STORM_PORT`; mmio-storm writes and reads
   :data:`MMIO_STORM_ADDR`; smp copies its real-mode AP trampoline to
   :data:`AP_TRAMPOLINE_ADDR` and drives the xAPIC at :data:`LAPIC_BASE`;
@@ -66,6 +69,11 @@ PORT_FW_CFG_DATA = 0x511
 FW_CFG_RAM_SIZE = 0x03
 FW_CFG_NB_CPUS = 0x05
 IO_STORM_PORT = 0x700
+PORT_COM1 = 0x3F8
+PVRING_PORT = 0x720
+PVRING_DOORBELL = 0x724
+PVRING_ADDR = 0x40_0000
+PVRING_MAGIC = 0x474E_4952_5650_4B4B  # b"KKPVRING" little endian
 MMIO_STORM_ADDR = 0xD000_0000
 LAPIC_BASE = 0xFEE0_0000
 AP_TRAMPOLINE_ADDR = 0x8000
@@ -109,6 +117,7 @@ GUEST_NAMES: tuple[str, ...] = (
     "acpi",
     "pci",
     "testdev",
+    "pvio",
     "dirty",
 )
 

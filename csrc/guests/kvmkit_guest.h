@@ -25,10 +25,15 @@
  *             nr 4 MARK  { u64 label_gpa; u64 label_len; }  host records (time, label)
  *           Marks, in order: "entry" (first instruction, 32-bit), "long-mode", "main",
  *           "user-mode" (after the switch to CPL 3), the program's own ("sieve-start",
- *           "sieve-end", "storm-start", "storm-end", "sipi", "all-cpus-up"), "done" (right
+ *           "sieve-end", "storm-start", "storm-end", "sipi", "all-cpus-up", "xfer-start",
+ *           "xfer-end"), "done" (right
  *           before the exit write).  Label strings are not NUL-terminated.
  *   0x0510  fw_cfg selector (16-bit write); 0x0511 fw_cfg data (byte reads).
  *           keys: 0x05 number of CPUs (u16 LE), 0x03 RAM size (u64 LE).
+ *   0x03f8  COM1, an 8250 UART (pvio's phase=uart writes its THR).
+ *   0x0720  pvio's ring set-up: `outl` of the ring header's guest-physical address;
+ *   0x0724  its doorbell (`outl`, a KVM_IOEVENTFD: no exit); the ring header sits at
+ *           KK_PVRING_ADDR (4 MiB), ABI in kvmkit/runner/devices/pvring.py.
  *   0x0700  io-storm's port: written with `outb`, nothing reads it (unassigned on QEMU's pc and
  *           on the runner: 0x600-0x60b are the ACPI PM registers).  The runner should
  *           claim it as a counting sink (or leave it unclaimed; then --strict trips on it).
@@ -102,6 +107,12 @@
 #define KK_FW_CFG_RAM_SIZE 0x03
 #define KK_FW_CFG_NB_CPUS 0x05
 #define KK_IO_STORM_PORT 0x0700
+#define KK_PORT_COM1 0x03f8
+/* pvio's paravirtual ring (kvmkit/runner/devices/pvring.py documents the ABI). */
+#define KK_PVRING_PORT 0x0720
+#define KK_PVRING_DOORBELL 0x0724
+#define KK_PVRING_ADDR 0x00400000UL
+#define KK_PVRING_MAGIC 0x474e495256504b4bUL /* "KKPVRING" */
 #define KK_MMIO_STORM_ADDR 0xd0000000UL
 #define KK_LAPIC_BASE 0xfee00000UL
 #define KK_AP_TRAMPOLINE_ADDR 0x8000

@@ -22,11 +22,21 @@ def register(sub: Any) -> None:
         help="also write a Markdown report with PNG plots and JSON",
     )
     p.add_argument("--no-linux", action="store_true", help="skip the QEMU Linux guest step")
+    p.add_argument(
+        "--steps",
+        metavar="NAMES",
+        help="run only these steps, comma-separated: host, engines, exits, linux, "
+        "containers, io (default: all)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmkit.demos.main import DemoOptions, run_demo
+    from kvmkit.demos.main import DemoOptions, parse_steps, run_demo
 
-    figures = run_demo(DemoOptions(quick=args.quick, report=args.report, linux=not args.no_linux))
+    text = getattr(args, "steps", None)
+    steps = None if text is None else parse_steps(text)
+    figures = run_demo(
+        DemoOptions(quick=args.quick, report=args.report, linux=not args.no_linux, steps=steps)
+    )
     return 1 if figures["failed"] else 0

@@ -1,5 +1,6 @@
 """``kvmkit demo``: the whole teaching demo, step by step, each with a line of explanation
-first.  A step this host cannot run (no /dev/kvm, no QEMU) is skipped with the reason; a
+first (``DemoOptions.steps`` / ``--steps`` picks steps by name: :data:`STEP_NAMES`).
+A step this host cannot run (no /dev/kvm, no QEMU) is skipped with the reason; a
 step that raises is FAILED with its error (``figures["failed"]``; ``kvmkit demo`` then
 exits 1); either way the rest still runs.  ``report`` writes the Markdown/PNG/JSON report
 of what was measured."""
@@ -11,11 +12,41 @@ import shutil
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from kvmkit.demos.progress import Progress
+from kvmkit.errors import KvmkitError
+
+#: The steps, by name, in the order they run (``--steps`` picks from these).
+STEP_NAMES: tuple[str, ...] = (
+    "host",
+    "engines",
+    "exits",
+    "linux",
+    "containers",
+    "io",
+    "snapshots",
+)
+
+
+class UnknownStepError(KvmkitError):
+    """``--steps`` named a step the demo does not have."""
+
+
+def parse_steps(text: str) -> tuple[str, ...]:
+    """``"containers,io"`` -> ``("containers", "io")``; raises UnknownStepError naming
+    the unknown ones and the known ones."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in STEP_NAMES]
+    if unknown or not names:
+        raise UnknownStepError(
+            f"unknown demo step(s): {', '.join(unknown) or '(none given)'}",
+            hint=f"choose from {','.join(STEP_NAMES)}",
+        )
+    return names
 
 
 @dataclass
@@ -23,6 +54,11 @@ class DemoOptions:
     quick: bool = False
     report: Path | None = None
     linux: bool = True
+    #: The steps to run (by name, from STEP_NAMES); None runs them all.
+    steps: tuple[str, ...] | None = None
+
+    def wants(self, step: str) -> bool:
+        return self.steps is None or step in self.steps
 
 
 def _no_kvm() -> str | None:
@@ -53,7 +89,57 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         if os.environ.get("KVMKIT_DEMO_DEBUG"):
             traceback.print_exc()
 
-    # 1 ------------------------------------------------------------------------------
+    if options.wants("host"):
+        _host_step(p, figures, skipped)
+    if options.wants("engines"):
+        _engines_step(p, options, figures, skipped, failed)
+    if options.wants("exits"):
+        _exits_step(p, options, figures, skipped, failed)
+    if options.wants("linux"):
+        _linux_step(p, options, figures, skipped, failed)
+    if options.wants("containers"):
+        from kvmkit.demos import containers
+
+        p.step(5, "VMs and containers", containers.EXPLANATION)
+        try:
+            figures["containers"] = containers.containers_step(
+                p.say, p.task, report=options.report, quick=options.quick
+            )
+        except Exception as exc:
+            failed("containers", exc)
+    if options.wants("io"):
+        from kvmkit.demos import io
+
+        p.step(6, "emulated and paravirtual I/O", io.EXPLANATION)
+        try:
+            figures["io"] = io.io_step(
+                p.say, p.task, report=options.report, quick=options.quick, linux=options.linux
+            )
+        except Exception as exc:
+            failed("io", exc)
+    if options.wants("snapshots"):
+        from kvmkit.demos import snapshots
+
+        p.step(7, "snapshot, clone and live-migrate a running VM", snapshots.EXPLANATION)
+        if reason := _no_kvm():
+            skipped("snapshots", reason)
+        else:
+            try:
+                figures["snapshots"] = snapshots.snapshots_step(
+                    p.say, p.task, report=options.report, quick=options.quick
+                )
+            except Exception as exc:
+                failed("snapshots", exc)
+
+    if options.report is not None:
+        from kvmkit.demos.report import write_report
+
+        path = write_report(figures, options.report)
+        p.say(f"\nreport written to {path}")
+    return figures
+
+
+def _host_step(p: Progress, figures: dict[str, Any], skipped: Callable[[str, str], None]) -> None:
     p.step(
         1,
         "what this host offers",
@@ -71,7 +157,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         figures["host"] = info
         p.say("  " + format_info(info).replace("\n", "\n  "))
 
-    # 2 ------------------------------------------------------------------------------
+
+def _engines_step(
+    p: Progress,
+    options: DemoOptions,
+    figures: dict[str, Any],
+    skipped: Callable[[str, str], None],
+    failed: Callable[[str, BaseException], None],
+) -> None:
     p.step(
         2,
         "the same guest, four ways",
@@ -103,7 +196,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         except Exception as exc:
             failed("engines", exc)
 
-    # 3 ------------------------------------------------------------------------------
+
+def _exits_step(
+    p: Progress,
+    options: DemoOptions,
+    figures: dict[str, Any],
+    skipped: Callable[[str, str], None],
+    failed: Callable[[str, BaseException], None],
+) -> None:
     p.step(
         3,
         "the anatomy of a VM exit",
@@ -137,7 +237,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         except Exception as exc:
             failed("exits", exc)
 
-    # 4 ------------------------------------------------------------------------------
+
+def _linux_step(
+    p: Progress,
+    options: DemoOptions,
+    figures: dict[str, Any],
+    skipped: Callable[[str, str], None],
+    failed: Callable[[str, BaseException], None],
+) -> None:
     p.step(
         4,
         "a full Linux guest under QEMU, driven over QMP",
@@ -158,35 +265,3 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             figures["linux"] = trio.run(linux_demo, lambda line: p.say("  " + line))
         except Exception as exc:
             failed("linux", exc)
-
-    # 5 ------------------------------------------------------------------------------
-    from kvmkit.demos import containers
-
-    p.step(5, "VMs and containers", containers.EXPLANATION)
-    try:
-        figures["containers"] = containers.containers_step(
-            p.say, p.task, report=options.report, quick=options.quick
-        )
-    except Exception as exc:
-        failed("containers", exc)
-
-    # 6 ------------------------------------------------------------------------------
-    from kvmkit.demos import snapshots
-
-    p.step(6, "snapshot, clone and live-migrate a running VM", snapshots.EXPLANATION)
-    if reason := _no_kvm():
-        skipped("snapshots", reason)
-    else:
-        try:
-            figures["snapshots"] = snapshots.snapshots_step(
-                p.say, p.task, report=options.report, quick=options.quick
-            )
-        except Exception as exc:
-            failed("snapshots", exc)
-
-    if options.report is not None:
-        from kvmkit.demos.report import write_report
-
-        path = write_report(figures, options.report)
-        p.say(f"\nreport written to {path}")
-    return figures

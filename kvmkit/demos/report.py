@@ -2,7 +2,8 @@
 figures as JSON, from the demo's figures and/or benchmark results.
 
 Sections appear when their figures exist: ``host``, ``engines``, ``exits``, ``qmp``,
-``linux`` (hot-plug, migration with its ``query-migrate`` timeline) and ``benchmarks``.
+``linux`` (hot-plug, migration with its ``query-migrate`` timeline), ``io`` (its plots are
+drawn by :func:`write_io_plots` when the step runs) and ``benchmarks``.
 """
 
 from __future__ import annotations
@@ -214,6 +215,154 @@ def _benchmarks(results: list[dict[str, Any]], out: Path, md: list[str]) -> None
         md += [f"![{name}](bench_{slug}.png)", ""]
 
 
+_EMULATED, _PARAVIRTUAL = "#cc6677", "#4477aa"
+#: Where a bar of 0 sits on a log axis (it is labelled "0").
+_LOG_FLOOR = 1e-3
+
+
+def _log_bars(ax: Any, labels: list[str], values: list[float], kinds: list[str]) -> None:
+    """Bars on a log axis, coloured emulated/paravirtual, each labelled with its value
+    (a 0 drawn at the floor and labelled 0)."""
+    colors = [_EMULATED if k == "emulated" else _PARAVIRTUAL for k in kinds]
+    shown = [max(v, _LOG_FLOOR) for v in values]
+    bars = ax.bar(range(len(values)), shown, color=colors)
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(labels, fontsize=7, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=_LOG_FLOOR / 2)
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[
+            Patch(color=_EMULATED, label="emulated"),
+            Patch(color=_PARAVIRTUAL, label="paravirtual"),
+        ],
+        fontsize=7,
+    )
+
+
+def write_io_plots(figures: dict[str, Any], directory: Path) -> list[str]:
+    """The ``io`` step's plots: ``io_exits.png`` (exits per KiB, log scale) and
+    ``io_throughput.png`` (MiB/s: the runner's ways, log scale, beside QEMU's disks);
+    each names the KVM backend and the accelerator.  Returns the names written."""
+    plt = _pyplot()
+    directory.mkdir(parents=True, exist_ok=True)
+    backend = figures.get("backend", "?")
+    notes = "; ".join(figures.get("notes", []))
+    names = []
+    runner = figures.get("runner")
+    qemu = figures.get("qemu")
+    if runner:
+        ts = runner["transfers"]
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        _log_bars(
+            ax, [t["label"] for t in ts], [t["exits_per_kib"] for t in ts], [t["kind"] for t in ts]
+        )
+        ax.set_ylabel("VM exits per KiB sent (log scale)", fontsize=8)
+        ax.set_title(
+            f"kvmkit runner, accel {runner['accel']} (KVM backend {backend}): "
+            "exits per KiB, counted",
+            fontsize=9,
+        )
+        fig.text(0.01, 0.01, _wrap(notes), fontsize=5, color="grey")
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.savefig(directory / "io_exits.png", dpi=110)
+        plt.close(fig)
+        names.append("io_exits.png")
+    if runner or qemu:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+        if runner:
+            ts = runner["transfers"]
+            _log_bars(
+                axes[0],
+                [t["label"] for t in ts],
+                [t["mib_per_s"] or 0 for t in ts],
+                [t["kind"] for t in ts],
+            )
+            axes[0].set_ylabel("MiB/s (log scale)", fontsize=8)
+            axes[0].set_title(f"kvmkit runner, accel {runner['accel']}", fontsize=9)
+        else:
+            axes[0].set_axis_off()
+        if qemu:
+            ws = qemu["writes"]
+            colors = [_EMULATED if w["kind"] == "emulated" else _PARAVIRTUAL for w in ws]
+            bars = axes[1].bar(
+                [w["disk"].split(" (")[0] for w in ws], [w["mib_per_s"] for w in ws], color=colors
+            )
+            axes[1].bar_label(bars, labels=[f"{w['mib_per_s']:.3g}" for w in ws], fontsize=7)
+            axes[1].set_ylabel(f"MiB/s, dd {ws[0]['mib']} MiB oflag=direct", fontsize=8)
+            axes[1].set_title(f"QEMU pc, Linux, accel {qemu['accel']}", fontsize=9)
+            axes[1].tick_params(axis="x", labelsize=7)
+        else:
+            axes[1].set_axis_off()
+        fig.suptitle(
+            f"Emulated beside paravirtual I/O: throughput (KVM backend {backend})", fontsize=10
+        )
+        fig.text(0.01, 0.01, _wrap(notes), fontsize=5, color="grey")
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.savefig(directory / "io_throughput.png", dpi=110)
+        plt.close(fig)
+        names.append("io_throughput.png")
+    return names
+
+
+def _wrap(text: str, width: int = 200) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _io(figs: dict[str, Any], md: list[str]) -> None:
+    md += [f"## Emulated and paravirtual I/O (KVM backend {figs.get('backend', '?')})", ""]
+    runner = figs.get("runner")
+    if runner:
+        md += [
+            f"kvmkit runner, accel {runner['accel']}; exits are the run's minus a baseline "
+            f"run's ({runner['baseline_exits']}), counted by the runner.",
+            "",
+            _table(
+                ["way", "bytes", "exits", "exits/KiB", "MiB/s", "data"],
+                [
+                    [
+                        t["label"],
+                        str(t["bytes"]),
+                        str(t["exits"]),
+                        f"{t['exits_per_kib']:.3g}",
+                        f"{t['mib_per_s']:.3g}",
+                        "ok" if t["checksum_ok"] else "WRONG",
+                    ]
+                    for t in runner["transfers"]
+                ],
+            ),
+            "",
+        ]
+    qemu = figs.get("qemu")
+    if qemu:
+        md += [
+            f"QEMU {qemu['machine']}, Linux {qemu['kernel']}, accel {qemu['accel']}; "
+            "`query-blockstats` deltas of the fastest pass:",
+            "",
+            _table(
+                ["disk", "MiB", "MiB/s", "wr_operations", "wr_bytes", "wr_total_time_ns"],
+                [
+                    [
+                        w["disk"],
+                        str(w["mib"]),
+                        f"{w['mib_per_s']:.3g}",
+                        str(w["wr_operations"]),
+                        str(w["wr_bytes"]),
+                        str(w["wr_total_time_ns"]),
+                    ]
+                    for w in qemu["writes"]
+                ],
+            ),
+            "",
+        ]
+    md += [f"- Note: {n}" for n in figs.get("notes", [])] + [""]
+    md += [f"![{p}]({p})" for p in figs.get("plots", [])] + [""]
+
+
 def write_report(figures: dict[str, Any], directory: Path) -> Path:
     """Write ``report.md``, the PNGs and ``figures.json`` into ``directory``; return the
     Markdown file's path."""
@@ -252,6 +401,8 @@ def write_report(figures: dict[str, Any], directory: Path) -> Path:
         _qmp(qmp, directory, md)
     if linux:
         _linux(linux, directory, md)
+    if figures.get("io"):
+        _io(figures["io"], md)
     if figures.get("benchmarks"):
         _benchmarks(figures["benchmarks"], directory, md)
     if figures.get("failed"):

@@ -47,6 +47,9 @@ MODULES = (
     "virtio_balloon",
     "button",
     "evdev",
+    # the emulated IDE disk of QEMU's pc (PIIX3 IDE -> libata -> SCSI disk): demo step io
+    "ata_piix",
+    "sd_mod",
 )
 # memhp_default_state=online_movable: hot-added memory can also be unplugged again.
 KERNEL_APPEND = "console=ttyS0 rdinit=/init panic=-1 quiet memhp_default_state=online_movable"

@@ -126,7 +126,8 @@ class RunConfig:
     #: A file descriptor (terminal or pipe) whose bytes go to the UART's receiver.
     stdin_fd: int | None = None
     #: Your own port devices, ``(base, count, make)`` with ``make(ctx) -> device``; they
-    #: are registered first, and a standard device whose ports they take is left out.
+    #: are registered first, and a standard device whose ports they take is left out;
+    #: one with a ``close()`` is closed when the boot ends, before its VM.
     port_devices: Sequence[tuple[int, int, Callable[[RunContext], PortDevice]]] = ()
 
 
@@ -1039,9 +1040,15 @@ class Machine:
         return box["m"], stats
 
     def close(self) -> None:
+        """Stop the platform's timers, close the caller's port devices that have a
+        ``close()`` (before their VM), then the VM."""
         if self.platform is not None:
             self.platform.close()
             self.platform = None
+        if self.bus is not None:
+            for base, _count, _make in self.config.port_devices:
+                getattr(self.bus.ports.get(base), "close", lambda: None)()
+            self.bus = None
         self.vm.close()
 
     def __enter__(self) -> Machine:

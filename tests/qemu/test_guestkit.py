@@ -56,7 +56,7 @@ def test_concurrent_builds_from_a_named_kernel(
     kit = guestkit.load_kit(kits[0].directory)
     assert kit.kernel_version == "6.1.0-test" and kit.boots_pvh
     assert kit.source == f"file:{image}"
-    assert kit.modules[-1] in ("virtio_balloon", "evdev", "button")
+    assert kit.modules[-1] == guestkit.MODULES[-1]  # the last one wanted, after its deps
     # Nothing half-built is left beside the kit.
     assert [p.name for p in (tmp_path / "cache" / "guestkit").iterdir()] == ["6.1.0-test"]
     # A second build without force returns the cached kit untouched.

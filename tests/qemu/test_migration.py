@@ -47,8 +47,16 @@ async def test_live_migration_of_dirtying_guest(kit_config: MachineConfig, qemu_
         async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as mid:
             seen: list[str] = []
             count_before = await _counter(src.console)
+            # QEMU 7.2 under TCG corrupts guests in migrations that need several dirty
+            # syncs (QEMU-NOTES; kvmkit warns about it).  A generous downtime limit lets
+            # the dirtying guest converge in one iteration, so this test checks kvmkit,
+            # not that QEMU bug (it failed about 1 run in 3 here with the default).
             stats = await mig.migrate_machine(
-                src, mid, transport="tcp", progress=lambda info: seen.append(info["status"])
+                src,
+                mid,
+                transport="tcp",
+                options=mig.MigrationOptions(downtime_limit_ms=1000),
+                progress=lambda info: seen.append(info["status"]),
             )
             assert stats.status == "completed"
             assert stats.total_time_ms > 0 and stats.transferred_bytes > 0
@@ -67,7 +75,9 @@ async def test_live_migration_of_dirtying_guest(kit_config: MachineConfig, qemu_
             assert await mig.guest_checksum(mid.console, "/tmp/data") == checksum
 
             async with QemuMachine(kit_config, base_dir=qemu_base, incoming="defer") as dst:
-                stats2 = await mig.migrate_machine(mid, dst, transport="unix")
+                stats2 = await mig.migrate_machine(
+                    mid, dst, transport="unix", options=mig.MigrationOptions(downtime_limit_ms=1000)
+                )
                 assert stats2.status == "completed" and stats2.downtime_ms >= 0
                 assert await _counter(dst.console) >= count_after
                 assert await mig.guest_checksum(dst.console, "/tmp/data") == checksum

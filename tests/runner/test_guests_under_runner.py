@@ -85,7 +85,12 @@ def test_both_loops_give_identical_output_and_statistics(
     fast = run_image(image, append="n=100", python_loop=False)
     slow = run_image(image, append="n=100", python_loop=True)
     assert fast.console == slow.console
-    assert fast.stats.exits == slow.stats.exits
+    # The machine's idle probes kick vCPUs at host-chosen moments (more of them on a
+    # loaded host): those ``interrupted`` returns are the host's, not the guest's.
+    kicks_fast = fast.stats.exits.get("interrupted", 0)
+    kicks_slow = slow.stats.exits.get("interrupted", 0)
+    guest_exits = {k: v for k, v in fast.stats.exits.items() if k != "interrupted" and v}
+    assert guest_exits == {k: v for k, v in slow.stats.exits.items() if k != "interrupted" and v}
     assert fast.stats.ports == slow.stats.ports
-    assert fast.stats.kvm_run_calls == slow.stats.kvm_run_calls
+    assert fast.stats.kvm_run_calls - kicks_fast == slow.stats.kvm_run_calls - kicks_slow
     assert [m.label for m in fast.stats.marks] == [m.label for m in slow.stats.marks]
