@@ -35,7 +35,7 @@ EXPLANATION = (
 
 MiB = 1 << 20
 SNAP_ARGS = "ticks=60 rate=1024 mem=16"
-MIGRATE_ARGS = "ticks=80 rate=2048 mem=16 print=10"
+MIGRATE_ARGS = "ticks=150 rate=1024 mem=16 print=10"
 
 Say = Callable[[str], None]
 Task = Callable[[str], AbstractContextManager[Any]]
@@ -155,7 +155,7 @@ def _migrate(kvm: Any, image: Path, tmp: Path, say: Say, task: Task) -> dict[str
         src = run_guest(
             _config(image, MIGRATE_ARGS, echo=_Lines(say, "source")),  # a TextIO enough
             kvm=kvm,
-            action=(0.35, act),
+            action=(0.3, act),
             dirty_tracking=True,
         )
     finally:
