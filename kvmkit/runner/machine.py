@@ -34,7 +34,9 @@ carries on; the timeout covers the whole run).
 Process status (``RunResult.process_status``): the guest's exit value when it is 0 to
 255, and 255 for any larger value (so no non-zero value ever becomes 0; ``--json``
 reports the value whole); 0 for halt, reset and poweroff (as QEMU's ``-no-reboot``);
-124 timeout; 125 crash; 130 interrupted.
+124 timeout; 125 crash; 130 interrupted.  A :class:`Machine` run may also end
+``snapshot`` or ``migrated`` (status 0: the guest lives on elsewhere) or ``stopped``
+(:meth:`Machine.stop`, status 130).
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ class RunResult:
     boot and ``stats`` is the last boot's.
     """
 
-    reason: str  # exit | halt | reset | poweroff | timeout | crash | interrupted | error
+    #: exit | halt | reset | poweroff | timeout | crash | interrupted | error, and for a
+    #: Machine: snapshot | migrated (the run's action ended it) | stopped (Machine.stop)
+    reason: str
     exit_code: int | None
     console: str
     stats: RunStats
@@ -164,6 +168,7 @@ class RunResult:
             "poweroff": STATUS_HALT,
             "timeout": STATUS_TIMEOUT,
             "interrupted": STATUS_INTERRUPTED,
+            "stopped": STATUS_INTERRUPTED,
             "snapshot": STATUS_HALT,
             "migrated": STATUS_HALT,
         }.get(self.reason, STATUS_CRASH)
@@ -641,6 +646,7 @@ class Machine:
         self._collecting = False
         self._ring_lock = threading.Lock()
         self._stop_all: Callable[[], None] | None = None
+        self._stopped = False
         self._feeder: threading.Thread | None = None
         self._feeding = threading.Event()
 
@@ -825,6 +831,8 @@ class Machine:
 
         def started(stop_all: Callable[[], None]) -> None:
             self._stop_all = stop_all
+            if self._stopped:  # stop() came before the threads ran
+                stop_all()
 
         try:
             return _run_vcpus(
@@ -848,9 +856,14 @@ class Machine:
                 self._feeder.join()
 
     def stop(self) -> None:
-        """End a run in progress (its reason: ``stopped``-by-caller's choice)."""
-        if self._stop_all is not None:
-            self._stop_all()
+        """End the run (from any thread; before :meth:`run` has started its vCPUs too):
+        reason ``stopped``, unless the run already ended another way."""
+        self._stopped = True
+        if self.ctx.stop_request is None:
+            self.ctx.stop_request = ("stopped", "stopped by the caller (Machine.stop)")
+        stop_all = self._stop_all
+        if stop_all is not None:
+            stop_all()
         self.gate.resume()
 
     def pause(self, *, timeout: float = 10.0) -> None:
