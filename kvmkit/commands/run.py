@@ -300,9 +300,14 @@ def run(args: argparse.Namespace) -> int:
     return result.process_status
 
 
-def _snapshot_action(path: Path) -> Callable[[Any], tuple[str, str]]:
-    def act(machine: Any) -> tuple[str, str]:
-        machine.snapshot(path, resume=False)
+def _snapshot_action(path: Path) -> Callable[[Any], tuple[str, str] | None]:
+    def act(machine: Any) -> tuple[str, str] | None:
+        from kvmkit.runner.errors import MachineEndedError
+
+        try:
+            machine.snapshot(path, resume=False)
+        except MachineEndedError:
+            return None  # the guest ended at that very moment: reported as "before"
         return "snapshot", f"snapshot written to {path} (restore it with: kvmkit restore {path})"
 
     return act

@@ -35,7 +35,7 @@ EXPLANATION = (
 
 MiB = 1 << 20
 SNAP_ARGS = "ticks=60 rate=1024 mem=16"
-MIGRATE_ARGS = "ticks=150 rate=1024 mem=16 print=10"
+MIGRATE_ARGS = "ticks=300 rate=1024 mem=16 print=25"
 
 Say = Callable[[str], None]
 Task = Callable[[str], AbstractContextManager[Any]]
@@ -164,6 +164,9 @@ def _migrate(kvm: Any, image: Path, tmp: Path, say: Say, task: Task) -> dict[str
         raise RuntimeError(f"the destination failed: {box['error']}")
     if src.reason != "migrated":
         raise RuntimeError(f"the guest was not migrated: {src.reason} {src.detail}")
+    end = box["result"]
+    if (end.reason, end.exit_code) != ("exit", 0):
+        raise RuntimeError(f"the migrated guest ended badly: {end.reason} {end.detail}")
     say(
         f"  migrated in {stats['total_ms']:.1f} ms over {stats['rounds']} rounds, "
         f"downtime {stats['downtime_ms']:.1f} ms; pages per round: {stats['pages_per_round']}"

@@ -60,6 +60,8 @@ class PauseGate:
         self.requested = False
         self._running = 0
         self._parked = 0
+        #: Loops that have ended (the run is over: a pause then pauses nothing).
+        self.ended = 0
 
     def enter(self) -> None:
         """A loop starts (on its vCPU thread)."""
@@ -70,6 +72,7 @@ class PauseGate:
         """A loop ended."""
         with self._cond:
             self._running -= 1
+            self.ended += 1
             self._cond.notify_all()
 
     def park(self, stopping: threading.Event) -> None:

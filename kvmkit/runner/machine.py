@@ -63,7 +63,7 @@ from kvmkit.runner.devices.debugexit import DEBUG_EXIT_PORT
 from kvmkit.runner.devices.fwcfg import FW_CFG_PORT_SEL
 from kvmkit.runner.devices.hypercalls import HYPERCALL_BASE, HYPERCALL_COUNT
 from kvmkit.runner.devices.uart import COM1_PORT, forward_input
-from kvmkit.runner.errors import ImageError, RunnerError
+from kvmkit.runner.errors import ImageError, MachineEndedError, RunnerError
 from kvmkit.runner.irq import IrqChipLines
 from kvmkit.runner.loaders.layout import (
     KVM_IDENTITY_MAP_ADDR,
@@ -867,11 +867,15 @@ class Machine:
         self.gate.resume()
 
     def pause(self, *, timeout: float = 10.0) -> None:
-        """Park every vCPU at its next exit; returns once none is in ``KVM_RUN``."""
+        """Park every vCPU at its next exit; returns once none is in ``KVM_RUN``.
+        :class:`MachineEndedError` if the run has ended (a vCPU's loop returned)."""
         self._pause_lock.acquire()
-        if not self.gate.pause(self.vcpus, timeout=timeout):
+        paused = self.gate.pause(self.vcpus, timeout=timeout)
+        if not paused or self.gate.ended:
             self.gate.resume()
             self._pause_lock.release()
+            if paused:
+                raise MachineEndedError("the guest's run ended before its vCPUs were paused")
             raise RunnerError(f"the vCPUs did not pause within {timeout:g} s")
 
     def resume(self) -> None:

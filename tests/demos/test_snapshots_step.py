@@ -26,6 +26,6 @@ def test_snapshots_step_clones_and_migrates(require_kvm: None, tmp_path: Path) -
     assert mig["pages_per_round"][0] == (128 << 20) // 4096
     text = out.getvalue()
     assert "[source] dirty: tick 0" in text
-    assert "[destination] dirty: 150 ticks" in text  # the destination finished the run
+    assert "[destination] dirty: 300 ticks" in text  # the destination finished the run
     assert f"downtime {mig['downtime_ms']:.1f} ms" in text
     assert (tmp_path / "snapshots_rounds.png").read_bytes()[:8] == PNG_MAGIC
