@@ -14,12 +14,13 @@ when the guest crashed (triple fault) or KVM could not run it; 130 when interrup
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -82,7 +83,9 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "image", help="guest image, or the name of a bundled guest program (hello, compute, ...)"
+        "image",
+        nargs="?",
+        help="guest image, or the name of a bundled guest program (hello, compute, ...)",
     )
     p.add_argument(
         "--mode", choices=["real", "protected", "long"], help="start mode (default: the image's)"
@@ -165,6 +168,44 @@ def register(sub: Any) -> None:
         metavar="SIZE",
         help="console bytes kept for --json (the last ones; default 1M); the stream gets all",
     )
+    snap = p.add_argument_group("snapshot and live migration")
+    snap.add_argument(
+        "--snapshot", type=Path, metavar="DIR", help="write a snapshot to DIR (--snapshot-after)"
+    )
+    snap.add_argument(
+        "--snapshot-after",
+        type=_seconds,
+        metavar="S",
+        help="pause every vCPU S seconds into the run, write the snapshot and exit 0",
+    )
+    snap.add_argument(
+        "--incoming",
+        metavar="ADDR",
+        help="wait for a migrating VM on ADDR (tcp:HOST:PORT or unix:PATH) and run it",
+    )
+    snap.add_argument(
+        "--incoming-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="how long --incoming waits for the source (default 60)",
+    )
+    snap.add_argument(
+        "--migrate-to", metavar="ADDR", help="live-migrate the guest to ADDR (--migrate-after)"
+    )
+    snap.add_argument(
+        "--migrate-after", type=_seconds, metavar="S", help="start the migration after S seconds"
+    )
+    snap.add_argument(
+        "--downtime-ms",
+        type=_seconds,
+        default=50.0,
+        metavar="MS",
+        help="pre-copy until the rest fits this downtime (default 50)",
+    )
+    snap.add_argument(
+        "--max-rounds", type=_vcpu_count, default=30, metavar="N", help="pre-copy rounds at most"
+    )
     p.set_defaults(func=run)
     p.error = _one_line_error(p.prog)  # type: ignore[method-assign]
 
@@ -192,10 +233,37 @@ def _forwardable_stdin() -> int | None:
     return 0 if stat.S_ISFIFO(mode) else None
 
 
+def _check_combinations(args: argparse.Namespace) -> None:
+    error = _one_line_error("kvmkit run")
+    if args.incoming:
+        if args.image or args.snapshot or args.migrate_to:
+            error("--incoming takes no IMAGE, --snapshot or --migrate-to: the VM comes from ADDR")
+        return
+    if not args.image:
+        error("give an IMAGE (or --incoming ADDR)")
+    if (args.snapshot is None) != (args.snapshot_after is None):
+        error("--snapshot DIR and --snapshot-after S go together")
+    if (args.migrate_to is None) != (args.migrate_after is None):
+        error("--migrate-to ADDR and --migrate-after S go together")
+    if args.snapshot and args.migrate_to:
+        error("--snapshot and --migrate-to: pick one")
+    if args.snapshot and args.snapshot.exists():
+        error(f"--snapshot {args.snapshot}: it already exists; pick a new directory")
+    if args.migrate_to:
+        from kvmkit.runner.migration import parse_address
+
+        parse_address(args.migrate_to)  # a bad address fails before the guest starts
+
+
 def run(args: argparse.Namespace) -> int:
     from kvmkit.kvm.modes import Mode
     from kvmkit.runner.machine import RunConfig, run_guest
 
+    _check_combinations(args)
+    if args.incoming:
+        from kvmkit.commands.restore import run_incoming
+
+        return run_incoming(args)
     config = RunConfig(
         image=_resolve_image(args.image),
         mode=Mode(args.mode) if args.mode else None,
@@ -218,20 +286,99 @@ def run(args: argparse.Namespace) -> int:
         console_limit=args.console_limit,
         stdin_fd=_forwardable_stdin(),
     )
-    result = run_guest(config)
+    action: tuple[float, Callable[[Any], tuple[str, str] | None]] | None = None
+    migration: dict[str, Any] = {}
+    if args.snapshot:
+        action = (args.snapshot_after, _snapshot_action(args.snapshot))
+    elif args.migrate_to:
+        action = (args.migrate_after, _migrate_action(args, migration))
+    result = run_guest(config, action=action, dirty_tracking=bool(args.migrate_to))
     try:
-        _report(args, result)
+        report(args, result, migration)
     except BrokenPipeError:  # stdout went away: the run's own status still stands
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return result.process_status
 
 
-def _report(args: argparse.Namespace, result: Any) -> None:
+def _snapshot_action(path: Path) -> Callable[[Any], tuple[str, str] | None]:
+    def act(machine: Any) -> tuple[str, str] | None:
+        from kvmkit.runner.errors import MachineEndedError
+
+        try:
+            machine.snapshot(path, resume=False)
+        except MachineEndedError:
+            return None  # the guest ended at that very moment: reported as "before"
+        return "snapshot", f"snapshot written to {path} (restore it with: kvmkit restore {path})"
+
+    return act
+
+
+def _migrate_action(
+    args: argparse.Namespace, out: dict[str, Any]
+) -> Callable[[Any], tuple[str, str] | None]:
+    """Migrate when called; on success end the run (``migrated``), on failure note why
+    in ``out`` and let the guest run on here."""
+
+    def act(machine: Any) -> tuple[str, str] | None:
+        from kvmkit.runner.migration import MigrationError
+        from kvmkit.ui import err_console
+
+        try:
+            with _migration_progress(args.migrate_to) as progress:
+                stats = machine.migrate(
+                    args.migrate_to,
+                    downtime_ms=args.downtime_ms,
+                    max_rounds=args.max_rounds,
+                    progress=progress,
+                )
+        except MigrationError as exc:
+            out["error"] = str(exc)
+            err_console.print(
+                f"kvmkit run: migration failed, the guest keeps running here: {exc}",
+                markup=False,
+                highlight=False,
+            )
+            return None
+        out.update(stats.to_dict())
+        return "migrated", (
+            f"migrated to {args.migrate_to} in {stats.total_s * 1000:.1f} ms "
+            f"({len(stats.rounds)} rounds, downtime {stats.downtime_s * 1000:.1f} ms)"
+        )
+
+    return act
+
+
+@contextlib.contextmanager
+def _migration_progress(addr: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress line (on a terminal) fed ``(round, pages)`` by the sender."""
+    from kvmkit.ui import progress
+
+    sent = [0]
+    with progress(f"migrating to {addr}") as advance:
+
+        def update(rnd: int, pages: int) -> None:
+            sent[0] += pages
+            advance(
+                0,
+                description=f"migrating to {addr}: round {rnd}, {pages} pages "
+                f"({sent[0] * 4096 >> 20} MiB sent)",
+            )
+
+        yield update
+
+
+def report(args: argparse.Namespace, result: Any, migration: dict[str, Any] | None = None) -> None:
+    """Print a run's result as ``kvmkit run`` does (also used by ``kvmkit restore``)."""
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        doc = result.to_json()
+        if migration:
+            doc["migration"] = migration
+        print(json.dumps(doc, indent=2))
     else:
         sys.stdout.flush()
-        if result.reason not in ("exit", "halt", "poweroff"):
+        if result.reason in ("snapshot", "migrated"):
+            print(f"kvmkit run: {result.detail}", file=sys.stderr)
+        elif result.reason not in ("exit", "halt", "poweroff"):
             print(f"kvmkit run: {result.reason}: {result.detail}", file=sys.stderr)
             for state in result.vcpu_states:
                 if state:
@@ -241,6 +388,11 @@ def _report(args: argparse.Namespace, result: Any) -> None:
                     )
                     if result.reason == "crash":
                         print("  " + state["regs"].replace("\n", "\n  "), file=sys.stderr)
-        if args.stats:
+        moment = getattr(args, "snapshot", None) or getattr(args, "migrate_to", None)
+        if moment and result.reason not in ("snapshot", "migrated"):
+            what = "no snapshot was written" if args.snapshot else "it was not migrated"
+            if not (migration or {}).get("error"):
+                print(f"kvmkit run: the run ended before that moment: {what}", file=sys.stderr)
+        if getattr(args, "stats", False):
             print(result.stats.format_table(), file=sys.stderr)
     sys.stdout.flush()

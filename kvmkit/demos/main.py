@@ -21,7 +21,15 @@ from kvmkit.demos.progress import Progress
 from kvmkit.errors import KvmkitError
 
 #: The steps, by name, in the order they run (``--steps`` picks from these).
-STEP_NAMES: tuple[str, ...] = ("host", "engines", "exits", "linux", "containers", "io")
+STEP_NAMES: tuple[str, ...] = (
+    "host",
+    "engines",
+    "exits",
+    "linux",
+    "containers",
+    "io",
+    "snapshots",
+)
 
 
 class UnknownStepError(KvmkitError):
@@ -111,6 +119,19 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             )
         except Exception as exc:
             failed("io", exc)
+    if options.wants("snapshots"):
+        from kvmkit.demos import snapshots
+
+        p.step(7, "snapshot, clone and live-migrate a running VM", snapshots.EXPLANATION)
+        if reason := _no_kvm():
+            skipped("snapshots", reason)
+        else:
+            try:
+                figures["snapshots"] = snapshots.snapshots_step(
+                    p.say, p.task, report=options.report, quick=options.quick
+                )
+            except Exception as exc:
+                failed("snapshots", exc)
 
     if options.report is not None:
         from kvmkit.demos.report import write_report

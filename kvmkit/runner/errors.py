@@ -42,3 +42,8 @@ class GuestCrashError(RunnerError):
     """The guest cannot continue (triple fault, failed entry, KVM internal error)."""
 
     exit_status = 125
+
+
+class MachineEndedError(RunnerError):
+    """The machine's run ended (the guest exited, crashed, reset) before its vCPUs could
+    be paused for a snapshot or a migration: there is no running guest to save."""

@@ -19,6 +19,7 @@ from typing import Any
 from kvmkit._ffi import ffi, lib
 from kvmkit.errors import KvmIoctlError, KvmkitError
 from kvmkit.kvm import Vcpu
+from kvmkit.kvm.dirty import EXIT_DIRTY_RING_FULL
 from kvmkit.kvm.exits import (
     Debug,
     FailEntry,
@@ -31,6 +32,7 @@ from kvmkit.kvm.exits import (
     MmioWrite,
     Shutdown,
     SystemEvent,
+    UnknownExit,
     VcpuExit,
     exit_name,
 )
@@ -44,6 +46,68 @@ from kvmkit.runner.errors import BusError, GuestCrashError
 from kvmkit.runner.stats import KINDS, VcpuStats
 
 _RFLAGS_IF = 1 << 9
+
+
+class PauseGate:
+    """Pause and resume every vCPU loop of one machine, separate from stopping it.
+
+    :meth:`pause` kicks every vCPU and returns once each running loop has parked at its
+    next exit (so no vCPU is in ``KVM_RUN`` and its state may be read); :meth:`resume`
+    lets them go on.  A loop that has ended counts as parked.  One pauser at a time
+    (the machine serialises pause/resume)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.requested = False
+        self._running = 0
+        self._parked = 0
+        #: Loops that have ended (the run is over: a pause then pauses nothing).
+        self.ended = 0
+
+    def enter(self) -> None:
+        """A loop starts (on its vCPU thread)."""
+        with self._cond:
+            self._running += 1
+
+    def leave(self) -> None:
+        """A loop ended."""
+        with self._cond:
+            self._running -= 1
+            self.ended += 1
+            self._cond.notify_all()
+
+    def park(self, stopping: threading.Event) -> None:
+        """Called by a loop outside ``KVM_RUN``: wait while a pause is requested."""
+        with self._cond:
+            self._parked += 1
+            self._cond.notify_all()
+            while self.requested and not stopping.is_set():
+                self._cond.wait(0.1)
+            self._parked -= 1
+            self._cond.notify_all()
+
+    def pause(self, vcpus: list[Vcpu], *, timeout: float = 10.0) -> bool:
+        """Request a pause, kick every vCPU until each running loop has parked; False
+        (pause still requested) if that did not happen within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self.requested = True
+        while True:
+            with self._cond:
+                if self._parked >= self._running:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            for v in vcpus:
+                if not v.closed:
+                    v.kick()
+            with self._cond:
+                self._cond.wait_for(lambda: self._parked >= self._running, 0.01)
+
+    def resume(self) -> None:
+        with self._cond:
+            self.requested = False
+            self._cond.notify_all()
 
 
 @dataclass
@@ -84,6 +148,8 @@ class VcpuLoop:
         *,
         strict: bool = False,
         halt_ends_run: bool = True,
+        gate: PauseGate | None = None,
+        on_dirty_ring_full: Any = None,
     ) -> None:
         self.vcpu = vcpu
         self.bus = bus
@@ -93,6 +159,11 @@ class VcpuLoop:
         #: Without an in-kernel irqchip nothing can wake a halted vCPU, so by default HLT
         #: ends the run; benchmarks that time HLT exits resume instead.
         self.halt_ends_run = halt_ends_run
+        #: Pauses (snapshot, migration) park the loop here at its next exit.
+        self.gate = gate
+        #: ``f(vcpu)`` called on ``KVM_EXIT_DIRTY_RING_FULL`` (the machine harvests or
+        #: waits for its collector); without it the loop harvests its own ring.
+        self.on_dirty_ring_full = on_dirty_ring_full
         self._stats = VcpuStats()
         self._fp_keep: tuple[Any, ...] = ()
         #: The C fast path's state, allocated here, once, not in the (timed) run_fast().
@@ -214,6 +285,8 @@ class VcpuLoop:
             )
         elif cls is Debug:
             pass
+        elif isinstance(exit_, UnknownExit) and exit_.reason == EXIT_DIRTY_RING_FULL:
+            self._dirty_ring_full()
         else:
             raise _Ended(Outcome("crash", detail=f"unexpected exit {exit_!r}", state=self.where()))
 
@@ -222,6 +295,19 @@ class VcpuLoop:
             raise _Ended(Outcome("stopped"))
         if self._probe_wanted:
             self._answer_probe()
+        if self.gate is not None and self.gate.requested:
+            self.gate.park(self.stopping)
+            if self.stopping.is_set():
+                raise _Ended(Outcome("stopped"))
+
+    def _dirty_ring_full(self) -> None:
+        """``KVM_EXIT_DIRTY_RING_FULL``: let the machine's collector harvest (it resets
+        the rings), or harvest this vCPU's ring and reset; then the guest goes on."""
+        if self.on_dirty_ring_full is not None:
+            self.on_dirty_ring_full(self.vcpu)
+        else:
+            self.vcpu.dirty_ring().harvest()
+            self.ctx.vm.reset_dirty_rings()
 
     def _system_event(self, ev: SystemEvent) -> Outcome:
         if ev.type == lib.KVM_SYSTEM_EVENT_RESET:

@@ -31,6 +31,9 @@ CASES = [
     ("pci", "", 1),
     ("pci", "testdev=1", 1),
     ("testdev", "", 1),
+    # snapshot/migration's guest: a periodic LAPIC timer taken at CPL 3, memory dirtied
+    ("dirty", "ticks=20", 1),
+    ("dirty", "ticks=20 cpl=0", 2),
 ]
 #: Optional devices a case needs on both VMMs (QEMU's -device, the runner's devices=).
 DEVICES = {("pci", "testdev=1"): ("pci-testdev",), ("testdev", ""): ("pc-testdev",)}

@@ -18,3 +18,11 @@ class DebugConsole:
 
     def io_in(self, port: int, size: int) -> int:
         return 0xE9  # QEMU's debugcon reads back its port number as a presence check
+
+    def save(self) -> dict[str, int]:
+        """No state of its own (kept so a snapshot names every device)."""
+        return {}
+
+    def load(self, state: dict[str, int]) -> None:
+        if state:
+            raise ValueError(f"{self.name} has no state; got {sorted(state)}")

@@ -16,3 +16,11 @@ class DebugExit:
 
     def io_in(self, port: int, size: int) -> int:
         return (1 << (8 * size)) - 1
+
+    def save(self) -> dict[str, int]:
+        """No state of its own (kept so a snapshot names every device)."""
+        return {}
+
+    def load(self, state: dict[str, int]) -> None:
+        if state:
+            raise ValueError(f"{self.name} has no state; got {sorted(state)}")

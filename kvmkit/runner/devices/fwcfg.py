@@ -46,3 +46,11 @@ class FwCfg:
             self.offset += 1
             value |= byte << (8 * i)
         return value
+
+    def save(self) -> dict[str, int]:
+        """The selector and the read offset (the items follow from the machine)."""
+        return {"selector": self.selector, "offset": self.offset}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.selector = int(state["selector"]) & 0xFFFF
+        self.offset = max(0, min(int(state["offset"]), 1 << 16))

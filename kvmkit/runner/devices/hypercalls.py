@@ -58,6 +58,14 @@ class Hypercalls:
     def io_in(self, port: int, size: int) -> int:
         return (1 << (8 * size)) - 1
 
+    def save(self) -> dict[str, int]:
+        """No state of its own (kept so a snapshot names every device)."""
+        return {}
+
+    def load(self, state: dict[str, int]) -> None:
+        if state:
+            raise ValueError(f"{self.name} has no state; got {sorted(state)}")
+
     def _time(self, arg: int) -> None:
         self.ctx.vm.write(arg, struct.pack("<Q", time.monotonic_ns()))
 

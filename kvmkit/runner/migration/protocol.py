@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvmkit.runner.migration.errors import ProtocolError
@@ -46,19 +46,25 @@ _RECORD = struct.Struct("<B3xIQ")
 
 @dataclass(frozen=True)
 class Layout:
-    """What the hello carries: guest memory regions (guest_phys, size) and vCPU count."""
+    """What the hello carries: guest memory regions (guest_phys, size), vCPU count, and
+    (optionally) the runner's machine settings, so the destination can build the machine
+    before the last round instead of during the downtime."""
 
     regions: tuple[tuple[int, int], ...]
     vcpu_count: int
     kvmkit_version: str = ""
+    machine: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kvmkit_version": self.kvmkit_version,
             "page_size": PAGE_SIZE,
             "vcpu_count": self.vcpu_count,
             "memory": [{"guest_phys": g, "size": s} for g, s in self.regions],
         }
+        if self.machine:
+            out["machine"] = self.machine
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Layout:
@@ -75,11 +81,14 @@ class Layout:
                 regions.append((g, s))
             vcpus = d["vcpu_count"]
             version = d.get("kvmkit_version", "")
+            machine = d.get("machine", {})
             if not isinstance(vcpus, int) or not 0 < vcpus <= 1024 or not isinstance(version, str):
+                raise TypeError
+            if not isinstance(machine, dict):
                 raise TypeError
         except (KeyError, TypeError, AttributeError):
             raise ProtocolError("the stream's hello is malformed") from None
-        return cls(tuple(sorted(regions)), vcpus, version)
+        return cls(tuple(sorted(regions)), vcpus, version, machine)
 
     def check_run(self, gpa: int, pages: int) -> None:
         end = gpa + pages * PAGE_SIZE

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmkit import __version__
 from kvmkit.errors import KvmError
@@ -157,8 +157,12 @@ def send_vm(
     downtime_ms: float = 50.0,
     max_rounds: int = 30,
     progress: Callable[[int, int], None] | None = None,
+    machine: dict[str, Any] | None = None,
 ) -> MigrationStats:
     """Migrate ``vm``'s memory and then ``state()`` over ``sock``.
+
+    ``machine`` (the runner's JSON-able settings) goes in the hello, so the destination
+    can build its machine while the pages flow rather than during the downtime.
 
     The guest runs during the pre-copy rounds; ``pause()`` must stop every vCPU (and
     return once none is in ``KVM_RUN``), after which ``state()`` returns the STATE payload
@@ -172,7 +176,9 @@ def send_vm(
     if not vm.vcpus or not vm.regions:
         raise MigrationError("the VM has no vCPUs or no memory to migrate")
     with _kvm_errors_as_migration_errors():
-        return _send_vm(sock, vm, source, pause, state, downtime_ms, max_rounds, progress)
+        return _send_vm(
+            sock, vm, source, pause, state, downtime_ms, max_rounds, progress, machine or {}
+        )
 
 
 @contextlib.contextmanager
@@ -192,6 +198,7 @@ def _send_vm(
     downtime_ms: float,
     max_rounds: int,
     progress: Callable[[int, int], None] | None,
+    machine: dict[str, Any],
 ) -> MigrationStats:
     """The body of :func:`send_vm` (arguments already checked)."""
     stats = MigrationStats()
@@ -199,7 +206,9 @@ def _send_vm(
     out = _Out(sock)
     start = time.perf_counter()
     regions = vm.regions
-    layout = Layout(tuple((int(r.guest_phys), r.size) for r in regions), len(vm.vcpus), __version__)
+    layout = Layout(
+        tuple((int(r.guest_phys), r.size) for r in regions), len(vm.vcpus), __version__, machine
+    )
     out.write(enc.header(layout))
     source.start()
 

@@ -1,0 +1,337 @@
+"""Snapshot restore and live migration of kvmkit's own minimal VMs (the ``dirty`` guest).
+
+Restore latency, for 128 MiB and 1 GiB guests, lazy (``MAP_PRIVATE``) and eager:
+
+- *to first instruction*: from the start of ``Machine.restore`` to the first MARK
+  hypercall the guest makes after it (the guest issues one every ~40 µs while it waits
+  for its timer, ``mark=1``), in this process; baseline: a cold boot of the same guest
+  from its image to its ``main`` mark, in this run.  Goal (the issue, after
+  Firecracker): <= 5 ms for 128 MiB, 1 GiB within 1.2x of 128 MiB.
+- *whole process*: ``kvmkit restore DIR --timeout 0.001`` from spawn to exit; baseline:
+  ``kvmkit run dirty --timeout 0.001`` (a process that boots the same guest).
+
+Migration (``Machine.migrate`` to a destination ``Machine.incoming`` in this process,
+over a unix socket), total time and downtime against RAM size (128 MiB, 1 GiB, guest
+nearly idle, downtime target 5 ms) and dirty rate (128 MiB, 256/2048/8192 words per 10 ms
+tick, target 50 ms, the default); baseline: the nearly idle 128 MiB guest.  Goal: an idle 128 MiB guest migrates with <= 5 ms downtime.
+The QEMU migration of a guest of the same size is measured by ``bench_migration``, not
+here.
+
+Every figure is the median of N runs and is cross-checked by the median of a second,
+independent batch of N runs (total times also by the host clock around ``migrate``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Result, Skip
+from benchmarks.report import print_results
+
+BENCH = "snapshot"
+TITLE = "Snapshot restore and live migration of minimal VMs (kvmkit runner)"
+MiB = 1 << 20
+SIZES = ((128 * MiB, "128 MiB"), (1024 * MiB, "1 GiB"))
+WAIT_ARGS = "ticks=1000000 rate=16 mem=16 mark=1"
+SECOND_BATCH = "median of a second batch of runs"
+HOST_CLOCK = "host clock around Machine.migrate"
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _kvm() -> Any:
+    from kvmkit.kvm import Kvm
+
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise Skip("no usable /dev/kvm")
+    return Kvm()
+
+
+def _config(image: Path, mem: int, args: str) -> Any:
+    from kvmkit.runner.machine import RunConfig
+
+    return RunConfig(image=image, append=args, mem_size=mem, echo=None)
+
+
+def _first_mark_after(machine: Any, t0_ns: int, label: str, timeout: float = 10.0) -> float:
+    """Run ``machine`` on a thread until its first ``label`` mark; ms from ``t0_ns``."""
+    done = threading.Thread(target=machine.run, daemon=True)
+    done.start()
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            marks = [m for m in machine.ctx.marks if m.label == label]
+            if marks:
+                at_ns = machine.ctx.start_ns + int(marks[0].t_s * 1e9)
+                return (at_ns - t0_ns) / 1e6
+            time.sleep(0.0005)
+        raise RuntimeError(f"no {label!r} mark within {timeout} s")
+    finally:
+        machine.stop()
+        done.join(10)
+
+
+def _snapshot(kvm: Any, image: Path, mem: int, where: Path) -> None:
+    from kvmkit.runner.machine import run_guest
+
+    r = run_guest(
+        _config(image, mem, WAIT_ARGS),
+        kvm=kvm,
+        action=(0.3, lambda m: (m.snapshot(where, resume=False), ("snapshot", ""))[1]),
+    )
+    if r.reason != "snapshot":
+        raise RuntimeError(f"the guest did not reach the snapshot: {r.reason} {r.detail}")
+
+
+def _restore_ms(kvm: Any, where: Path, eager: bool) -> float:
+    from kvmkit.runner.machine import Machine
+
+    t0 = time.monotonic_ns()
+    m = Machine.restore(where, kvm=kvm, echo=None, eager=eager)
+    with m:
+        return _first_mark_after(m, t0, "tick")
+
+
+def _boot_ms(kvm: Any, image: Path, mem: int) -> float:
+    """Cold boot from the image to the guest's ``main`` mark (the same clock as the
+    restore figure): ``run_guest`` from its call, read once the guest waits."""
+    from kvmkit.runner.machine import run_guest
+
+    got: list[float] = []
+
+    def read(machine: Any) -> tuple[str, str]:
+        marks = [m for m in machine.ctx.marks if m.label == "main"]
+        if marks:
+            got.append((machine.ctx.start_ns + int(marks[0].t_s * 1e9) - t0) / 1e6)
+        return "stopped", ""
+
+    t0 = time.monotonic_ns()
+    run_guest(_config(image, mem, WAIT_ARGS), kvm=kvm, action=(0.2, read))
+    if not got:
+        raise RuntimeError("the guest never reached main")
+    return got[0]
+
+
+def _process_s(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, timeout=120)
+    wall = time.perf_counter() - t0
+    if p.returncode != 124:
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {p.stderr[-300:]!r}")
+    return wall * 1000
+
+
+def _migrate(
+    kvm: Any, image: Path, mem: int, rate: int, addr: str, downtime_ms: float
+) -> dict[str, float]:
+    from kvmkit.runner.machine import Machine, run_guest
+
+    box: dict[str, Any] = {}
+    listening = threading.Event()
+
+    def destination() -> None:
+        try:
+            m, _ = Machine.incoming(addr, kvm=kvm, echo=None, timeout=60, ready=listening.set)
+            box["m"] = m
+            box["arrived"].set()
+            with m:
+                m.run()
+        except BaseException as exc:
+            box["error"] = exc
+            listening.set()
+            box["arrived"].set()
+
+    box["arrived"] = threading.Event()
+    t = threading.Thread(target=destination)
+    t.start()
+    listening.wait(60)
+    out: dict[str, float] = {}
+
+    def act(machine: Any) -> tuple[str, str]:
+        t0 = time.perf_counter()
+        stats = machine.migrate(addr, downtime_ms=downtime_ms)
+        out["host_total_ms"] = (time.perf_counter() - t0) * 1000
+        out["total_ms"] = stats.total_s * 1000
+        out["downtime_ms"] = stats.downtime_s * 1000
+        out["rounds"] = len(stats.rounds)
+        out["mib"] = stats.bytes_sent / MiB
+        return "migrated", ""
+
+    try:
+        r = run_guest(
+            _config(image, mem, f"ticks=1000000 rate={rate} mem=16"),
+            kvm=kvm,
+            action=(0.3, act),
+            dirty_tracking=True,
+        )
+    finally:
+        box["arrived"].wait(60)
+        if "m" in box:
+            box["m"].stop()
+        t.join(60)
+    if "error" in box:
+        raise RuntimeError(f"the destination failed: {box['error']}")
+    if r.reason != "migrated":
+        raise RuntimeError(f"the migration did not complete: {r.reason} {r.detail}")
+    return out
+
+
+def run(quick: bool = False) -> list[Result]:
+    from kvmkit.guests import build_guest
+
+    n = 3 if quick else 7
+    kvm = _kvm()
+    image = build_guest("dirty")
+    tmp = Path(tempfile.mkdtemp(prefix="kvmkit-bench-snap."))
+    results: list[Result] = []
+    try:
+        restore_128: dict[bool, float] = {}
+        for mem, label in SIZES:
+            where = tmp / f"snap-{mem}"
+            _snapshot(kvm, image, mem, where)
+            boot = [_boot_ms(kvm, image, mem) for _ in range(n)]
+            for eager in (False, True):
+                kind = "eager" if eager else "lazy"
+                a = [_restore_ms(kvm, where, eager) for _ in range(n)]
+                b = [_restore_ms(kvm, where, eager) for _ in range(n)]
+                value = _median(a)
+                if mem == SIZES[0][0]:
+                    restore_128[eager] = value
+                    target = "<= 5 ms" if not eager else None
+                else:
+                    target = (
+                        f"<= 1.2x of 128 MiB {kind} ({1.2 * restore_128[eager]:.2f} ms); "
+                        f"here {value / restore_128[eager]:.2f}x"
+                    )
+                results.append(
+                    Result(
+                        BENCH,
+                        f"{label} restore ({kind}) to first instruction",
+                        value,
+                        "ms",
+                        baseline_case=f"{label} cold boot to main",
+                        baseline=_median(boot),
+                        target=target,
+                        check=_median(b),
+                        check_method=SECOND_BATCH,
+                        extra={"runs": a + b, "boot_runs": boot},
+                    )
+                )
+            kvmkit = [sys.executable, "-m", "kvmkit"]
+            proc_boot = [
+                _process_s(
+                    [
+                        *kvmkit,
+                        "run",
+                        str(image),
+                        "--mem",
+                        str(mem),
+                        "--append",
+                        WAIT_ARGS,
+                        "--timeout",
+                        "0.001",
+                    ]
+                )
+                for _ in range(n)
+            ]
+            pa = [
+                _process_s([*kvmkit, "restore", str(where), "--timeout", "0.001"]) for _ in range(n)
+            ]
+            pb = [
+                _process_s([*kvmkit, "restore", str(where), "--timeout", "0.001"]) for _ in range(n)
+            ]
+            results.append(
+                Result(
+                    BENCH,
+                    f"{label} `kvmkit restore` whole process (lazy)",
+                    _median(pa),
+                    "ms",
+                    baseline_case=f"{label} `kvmkit run` whole process",
+                    baseline=_median(proc_boot),
+                    check=_median(pb),
+                    check_method=SECOND_BATCH,
+                )
+            )
+            shutil.rmtree(where)
+
+        cases = [(128 * MiB, 16, 5.0, "128 MiB nearly idle, --downtime-ms 5")]
+        cases += [(1024 * MiB, 16, 5.0, "1 GiB nearly idle, --downtime-ms 5")]
+        cases += [
+            (128 * MiB, r, 50.0, f"128 MiB, {r} words/tick, --downtime-ms 50")
+            for r in (256, 2048, 8192)
+        ]
+        base: dict[str, float] = {}
+        for i, (mem, rate, target_ms, label) in enumerate(cases):
+            mig = [
+                _migrate(kvm, image, mem, rate, f"unix:{tmp}/m{i}-{j}.sock", target_ms)
+                for j in range(2 * n)
+            ]
+            ma, mb = mig[:n], mig[n:]
+            total = _median([r["total_ms"] for r in ma])
+            down = _median([r["downtime_ms"] for r in ma])
+            if i == 0:
+                base = {"total": total, "down": down}
+            extra = {
+                "rounds": [r["rounds"] for r in mig],
+                "mib_sent": [round(r["mib"], 1) for r in mig],
+                "dirty_mib_s": rate * 100 * 4096 / MiB,
+            }
+            results.append(
+                Result(
+                    BENCH,
+                    f"migrate {label}: total time",
+                    total,
+                    "ms",
+                    baseline_case=f"{cases[0][3]}: total time",
+                    baseline=base["total"],
+                    check=_median([r["host_total_ms"] for r in ma]),
+                    check_method=HOST_CLOCK,
+                    extra=extra,
+                )
+            )
+            results.append(
+                Result(
+                    BENCH,
+                    f"migrate {label}: downtime",
+                    down,
+                    "ms",
+                    baseline_case=f"{cases[0][3]}: downtime",
+                    baseline=base["down"],
+                    target="<= 5 ms" if i == 0 else None,
+                    check=_median([r["downtime_ms"] for r in mb]),
+                    check_method=SECOND_BATCH,
+                    extra=extra,
+                )
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kvm.close()
+    return results
+
+
+def main() -> int:
+    results = run(quick="--quick" in sys.argv)
+    print(f"{TITLE}; baselines measured in the same run")
+    print_results(results)
+    for r in results:
+        if "rounds" in r.extra and r.case.endswith("downtime"):
+            print(
+                f"  {r.case}: rounds {r.extra['rounds']}, MiB sent {r.extra['mib_sent']}, "
+                f"dirty rate ~{r.extra['dirty_mib_s']:.0f} MiB/s"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
