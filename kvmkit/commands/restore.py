@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
         help="console bytes kept for --json (the last ones; default 1M)",
     )
     p.set_defaults(func=restore)
-    p.error = _one_line_error(p.prog)  # type: ignore[method-assign]
+    p.error = _one_line_error(p.prog)
 
 
 def _finish(args: argparse.Namespace, machine: Any) -> int:

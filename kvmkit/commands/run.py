@@ -30,6 +30,8 @@ DEFAULT_CONSOLE_LIMIT = 1 << 20
 
 #: vCPUs the runner gives a guest (8-bit xAPIC ids, as the in-kernel irqchip numbers them).
 MAX_VCPUS = 255
+#: Pre-copy rounds ``--max-rounds`` may ask for.
+MAX_ROUNDS = 10_000
 #: Highest address ``--load-addr`` may name (52-bit guest-physical space).
 MAX_ADDRESS = (1 << 52) - 1
 
@@ -45,14 +47,22 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _vcpu_count(text: str) -> int:
+def _whole(text: str, low: int, high: int, what: str) -> int:
     try:
         value = int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= MAX_VCPUS:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 to {MAX_VCPUS} vCPUs")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value}: give {low} to {high} {what}")
     return value
+
+
+def _vcpu_count(text: str) -> int:
+    return _whole(text, 1, MAX_VCPUS, "vCPUs")
+
+
+def _round_count(text: str) -> int:
+    return _whole(text, 1, MAX_ROUNDS, "pre-copy rounds")
 
 
 def _address(text: str) -> int:
@@ -204,10 +214,10 @@ def register(sub: Any) -> None:
         help="pre-copy until the rest fits this downtime (default 50)",
     )
     snap.add_argument(
-        "--max-rounds", type=_vcpu_count, default=30, metavar="N", help="pre-copy rounds at most"
+        "--max-rounds", type=_round_count, default=30, metavar="N", help="pre-copy rounds at most"
     )
     p.set_defaults(func=run)
-    p.error = _one_line_error(p.prog)  # type: ignore[method-assign]
+    p.error = _one_line_error(p.prog)
 
 
 def _resolve_image(name: str) -> Path:

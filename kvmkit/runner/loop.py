@@ -175,7 +175,7 @@ class VcpuLoop:
 
     @property
     def stats(self) -> VcpuStats:
-        """This vCPU's statistics, with the C fast path's counters merged in (the merge
+        """The statistics of this vCPU, with the C fast path's counters merged in (the merge
         happens here, when read, outside any timed loop).  Read it when the loop is not
         running."""
         self._merge_c_counters(self._fp)
@@ -382,21 +382,21 @@ class VcpuLoop:
                     exit_ = decode()
                 if type(exit_) is IoOut:  # the hot case, inlined
                     exits["io_out"] += 1
-                    port = exit_.port  # type: ignore[union-attr]
+                    port = exit_.port
                     ports[port] += 1
                     dev = port_map.get(port)
-                    if dev is not None and exit_.count == 1:  # type: ignore[union-attr]
-                        dev.io_out(port, exit_.size, exit_.data)  # type: ignore[union-attr]
+                    if dev is not None and exit_.count == 1:
+                        dev.io_out(port, exit_.size, exit_.data)
                         continue
                     dispatch(exit_, count=False)
                     continue
                 if type(exit_) is MmioWrite:  # the other hot case
                     exits["mmio_write"] += 1
-                    addr = exit_.addr  # type: ignore[union-attr]
+                    addr = exit_.addr
                     mmio[addr] += 1
                     mdev = mmio_device(addr)
                     if mdev is not None:
-                        mdev.mmio_write(addr, exit_.data)  # type: ignore[union-attr]
+                        mdev.mmio_write(addr, exit_.data)
                     else:
                         self._unclaimed("mmio", addr, True)
                     continue

@@ -41,6 +41,7 @@ reports the value whole); 0 for halt, reset and poweroff (as QEMU's ``-no-reboot
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import threading
@@ -476,7 +477,8 @@ def _run_vcpus(
         finally:
             if gate is not None:
                 gate.leave()
-        if outcomes[i] is not None and outcomes[i].kind != "stopped":  # type: ignore[union-attr]
+        outcome = outcomes[i]
+        if outcome is not None and outcome.kind != "stopped":
             stop_all()
 
     start = time.monotonic()
@@ -1099,7 +1101,5 @@ def _max_ring_entries(vm: Vm) -> int:
 
 def _unlink_unix(address: str) -> None:
     if address.startswith("unix:"):
-        try:
+        with contextlib.suppress(OSError):
             Path(address[5:]).unlink()
-        except OSError:
-            pass

@@ -6,6 +6,7 @@ namespaces made here (a veth pair, 10.231.77.0/30), removed whatever happens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -76,11 +77,8 @@ def _migrate_once(
         src = run_guest(_config(image, vcpus, mem), kvm=kvm, action=(at, act), dirty_tracking=True)
     finally:
         if not stats:  # the guest ended first: nobody will connect
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(addr[5:])
-                except OSError:
-                    pass
+            with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                s.connect(addr[5:])
         t.join(60)
     if src.reason != "migrated":
         assert "result" not in dest  # the destination never ran a guest

@@ -8,6 +8,8 @@ DEBUGCON_PORT = 0xE9
 
 
 class DebugConsole:
+    """Port 0xe9: each byte written goes to the run's console."""
+
     name = "debugcon"
 
     def __init__(self, console: Console) -> None:

@@ -9,6 +9,8 @@ DEBUG_EXIT_PORT = 0xF4
 
 
 class DebugExit:
+    """Port 0xf4: the value written ends the run with that exit value."""
+
     name = "debug-exit"
 
     def io_out(self, port: int, size: int, data: bytes) -> None:

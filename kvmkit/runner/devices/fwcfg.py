@@ -18,6 +18,8 @@ FW_CFG_MAX_CPUS = 0x0F
 
 
 class FwCfg:
+    """fw_cfg over ports 0x510/0x511: a selector and a byte-wise data port."""
+
     name = "fw_cfg"
 
     def __init__(self, *, ram_size: int, cpus: int, max_cpus: int | None = None) -> None:

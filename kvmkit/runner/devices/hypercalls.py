@@ -35,6 +35,8 @@ _NAMES = {HC_TIME: "time", HC_PUTS: "puts", HC_EXIT: "exit", HC_MARK: "mark"}
 
 
 class Hypercalls:
+    """The Solo5-style hypercall ports (table in the module docstring)."""
+
     name = "hypercalls"
 
     def __init__(self, ctx: RunContext) -> None:

@@ -38,6 +38,8 @@ _MCR_LOOP = 0x10
 
 
 class Uart8250:
+    """An 8250 UART at ``base``: THR to the console, a bounded receive FIFO, IRQ 4."""
+
     name = "uart8250"
 
     def __init__(

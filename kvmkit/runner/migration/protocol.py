@@ -101,34 +101,46 @@ class Layout:
 # ---- events the decoder returns ---------------------------------------------------------
 @dataclass(frozen=True)
 class Hello:
+    """The stream's opening: the guest's memory layout and machine settings."""
+
     layout: Layout
 
 
 @dataclass(frozen=True)
 class Pages:
+    """Guest pages starting at ``gpa``, their bytes in ``data`` (whole pages)."""
+
     gpa: int
     data: bytes
 
 
 @dataclass(frozen=True)
 class ZeroPages:
+    """``count`` all-zero pages starting at ``gpa`` (sent as a run, not as bytes)."""
+
     gpa: int
     count: int
 
 
 @dataclass(frozen=True)
 class RoundEnd:
+    """The end of pre-copy round ``round``, which sent ``pages`` pages."""
+
     round: int
     pages: int
 
 
 @dataclass(frozen=True)
 class State:
+    """The stopped machine's state (vCPUs, VM, devices) as one serialised blob."""
+
     blob: bytes
 
 
 @dataclass(frozen=True)
 class End:
+    """The end of the stream; the decoder has checked its SHA-256."""
+
     pass
 
 

@@ -3,6 +3,7 @@ once the end record's checksum matched."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ _ZERO = bytes(1 << 20)
 
 @dataclass
 class IncomingStats:
+    """What the destination received: pages per round and bytes in all."""
+
     rounds: list[int] = field(default_factory=list)
     bytes_received: int = 0
     pages: int = 0
@@ -149,7 +152,5 @@ def _zero(vm: Vm, gpa: int, length: int) -> None:
 
 
 def _reply(sock: socket.socket, ok: bool, error: str = "") -> None:
-    try:
+    with contextlib.suppress(OSError):  # the source is gone; it resumes on its own
         sock.sendall(encode_reply(ok, error))
-    except OSError:
-        pass  # the source is gone; it resumes on its own

@@ -13,6 +13,8 @@ from kvmkit.runner.migration.errors import TransportError
 
 @dataclass(frozen=True)
 class Address:
+    """A parsed ``tcp:HOST:PORT`` or ``unix:PATH`` migration address."""
+
     family: socket.AddressFamily
     target: str | tuple[str, int]
 

@@ -16,6 +16,8 @@ from kvmkit.runner.migration.errors import MigrationError, ProtocolError
 
 @dataclass
 class MigratedState:
+    """The state that crosses with the last round: every vCPU's and the VM's."""
+
     vcpus: list[VcpuState]
     vm: VmState
     devices: dict[str, Any] = field(default_factory=dict)
