@@ -363,6 +363,52 @@ def _io(figs: dict[str, Any], md: list[str]) -> None:
     md += [f"![{p}]({p})" for p in figs.get("plots", [])] + [""]
 
 
+def _containers(figs: dict[str, Any], md: list[str]) -> None:
+    md += ["## VMs and containers", ""]
+    rows = [
+        [
+            r["kind"],
+            str(r["count"]),
+            r["accel"],
+            f"{r['median_start_s'] * 1000:.0f} ms" if r.get("median_start_s") else "-",
+            f"{r['mean_memory_bytes'] / 2**20:.1f} MiB ({r['memory_measure']})"
+            if r.get("mean_memory_bytes")
+            else "-",
+        ]
+        for r in figs.get("rounds", [])
+    ]
+    md += [_table(["instance", "at once", "accel", "start to first output", "memory each"], rows)]
+    md += [""] + [f"- `uname -r` in {k}: {v}" for k, v in figs.get("uname", {}).items()]
+    md += [f"- Skipped {k}: {v}" for k, v in figs.get("skipped", {}).items()]
+    md += [f"- Note: {n}" for n in figs.get("notes", [])] + [""]
+    md += [f"![{p}]({p})" for p in figs.get("plots", [])] + [""]
+
+
+def _snapshots(figs: dict[str, Any], md: list[str]) -> None:
+    md += ["## Snapshot, clones and live migration of a kvmkit VM", ""]
+    snap = figs.get("snapshot", {})
+    if snap:
+        md += [
+            f"- Uninterrupted run: checksum {snap.get('uninterrupted')}; snapshot "
+            f"{snap.get('disk_mib')} MiB on disk.",
+            *(
+                f"- Clone {i}: ready in {c['ready_ms']} ms, checksum {c['checksum']}"
+                for i, c in enumerate(snap.get("clones", []), 1)
+            ),
+        ]
+    mig = figs.get("migration", {})
+    if mig:
+        md += [
+            "- Live migration: "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v}"
+                for k, v in mig.items()
+                if k in ("total_ms", "downtime_ms", "rounds", "bytes")
+            )
+        ]
+    md += [""] + [f"![{p}]({p})" for p in figs.get("plots", [])] + [""]
+
+
 def write_report(figures: dict[str, Any], directory: Path) -> Path:
     """Write ``report.md``, the PNGs and ``figures.json`` into ``directory``; return the
     Markdown file's path."""
@@ -401,8 +447,12 @@ def write_report(figures: dict[str, Any], directory: Path) -> Path:
         _qmp(qmp, directory, md)
     if linux:
         _linux(linux, directory, md)
+    if figures.get("containers"):
+        _containers(figures["containers"], md)
     if figures.get("io"):
         _io(figures["io"], md)
+    if figures.get("snapshots"):
+        _snapshots(figures["snapshots"], md)
     if figures.get("benchmarks"):
         _benchmarks(figures["benchmarks"], directory, md)
     if figures.get("failed"):
