@@ -40,7 +40,8 @@ MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 DEFERRED_MSRS = (MSR_IA32_TSC_DEADLINE,)
 
-_REG_NAMES = [
+#: The general registers of ``struct kvm_regs``, in its order (``Vcpu.get_regs`` uses it too).
+REG_NAMES = [
     "rax",
     "rbx",
     "rcx",
@@ -154,9 +155,9 @@ class VcpuState:
                 hint="it was written by a different kvmkit",
             )
         regs = _dict(d.get("regs"), "vCPU state field 'regs'")
-        if set(regs) != set(_REG_NAMES):
+        if set(regs) != set(REG_NAMES):
             raise StateError("vCPU state field 'regs' must name exactly the 18 registers")
-        for name in _REG_NAMES:
+        for name in REG_NAMES:
             _int(regs, name)
         kind = d.get("sregs_kind")
         if kind not in ("sregs2", "sregs"):
@@ -184,7 +185,7 @@ class VcpuState:
         return cls(
             index=_int(d, "index", bits=32) or 0,
             mp_state=_int(d, "mp_state", bits=32) or 0,
-            regs={n: int(regs[n]) for n in _REG_NAMES},
+            regs={n: int(regs[n]) for n in REG_NAMES},
             sregs_kind=kind,
             sregs=_unb64(d, "sregs") or b"",
             xsave=_unb64(d, "xsave") or b"",

@@ -20,6 +20,7 @@ from kvmkit.kvm.cpuid import CpuidEntry
 from kvmkit.kvm.dirty import DirtyRing
 from kvmkit.kvm.state import (
     DEFERRED_MSRS,
+    REG_NAMES,
     StateError,
     VcpuState,
     check_blob,
@@ -74,8 +75,6 @@ class Regs:
         return "\n".join("  ".join(parts[i : i + 4]) for i in range(0, len(parts), 4))
 
 
-_REG_NAMES = [f.name for f in fields(Regs)]
-
 #: RFLAGS.TF, used to single-step without KVM's help when needed.
 RFLAGS_TF = 1 << 8
 
@@ -125,10 +124,10 @@ class Vcpu(FdObject):
     def get_regs(self) -> Regs:
         c = ffi.new("struct kvm_regs *")
         self._ioctl(ioctls.KVM_GET_REGS, c)
-        return Regs(*(getattr(c, n) for n in _REG_NAMES))
+        return Regs(**{n: getattr(c, n) for n in REG_NAMES})
 
     def set_regs(self, regs: Regs) -> None:
-        c = ffi.new("struct kvm_regs *", {n: getattr(regs, n) for n in _REG_NAMES})
+        c = ffi.new("struct kvm_regs *", {n: getattr(regs, n) for n in REG_NAMES})
         self._ioctl(ioctls.KVM_SET_REGS, c)
 
     def get_sregs(self) -> Any:
@@ -357,7 +356,7 @@ class Vcpu(FdObject):
         return VcpuState(
             index=self.index,
             mp_state=mp_state,
-            regs={n: getattr(regs, n) for n in _REG_NAMES},
+            regs={n: getattr(regs, n) for n in REG_NAMES},
             sregs_kind=kind,
             sregs=bytes(ffi.buffer(sregs)),
             xsave=xsave,

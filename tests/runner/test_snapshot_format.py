@@ -11,30 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmkit.kvm.cpuid import CpuidEntry
-from kvmkit.kvm.state import VcpuState, VmState
+from kvmkit.kvm.state import REG_NAMES, VcpuState, VmState
 from kvmkit.runner.snapshot import Manifest, MemoryRegion, SnapshotError, parse_manifest
 from kvmkit.runner.snapshot.format import capabilities_needed
-
-REGS = [
-    "rax",
-    "rbx",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "rsp",
-    "rbp",
-    "r8",
-    "r9",
-    "r10",
-    "r11",
-    "r12",
-    "r13",
-    "r14",
-    "r15",
-    "rip",
-    "rflags",
-]
 
 
 def _valid_manifest(vcpus: int = 2) -> Manifest:
@@ -42,7 +21,7 @@ def _valid_manifest(vcpus: int = 2) -> Manifest:
         VcpuState(
             index=i,
             mp_state=0,
-            regs={r: n for n, r in enumerate(REGS)},
+            regs={r: n for n, r in enumerate(REG_NAMES)},
             sregs_kind="sregs2",
             sregs=bytes(range(200)),
             xsave=bytes(4096),
