@@ -97,6 +97,15 @@ def _int(d: dict[str, Any], key: str, *, bits: int = 64, optional: bool = False)
     return v
 
 
+def _uints(values: list[Any], bits: int, what: str) -> None:
+    """Check a whole list at once (a vCPU has hundreds): each an unsigned ``bits``-bit int."""
+    limit = 1 << bits
+    ints = set(map(type, values)) <= {int}  # C-speed passes; bool is not int here
+    if not (ints and (not values or (min(values) >= 0 and max(values) < limit))):
+        bad = next(v for v in values if not (type(v) is int and 0 <= v < limit))
+        raise StateError(f"{what} must be an unsigned {bits}-bit integer, not {bad!r}")
+
+
 def _dict(d: Any, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise StateError(f"{what} must be a JSON object")
@@ -165,23 +174,19 @@ class VcpuState:
         msrs_raw = d.get("msrs")
         if not isinstance(msrs_raw, list):
             raise StateError("vCPU state field 'msrs' must be a list of [index, value]")
-        msrs: dict[int, int] = {}
-        for item in msrs_raw:
-            if not isinstance(item, list) or len(item) != 2:
-                raise StateError("vCPU state field 'msrs' must be a list of [index, value]")
-            pair = {"index": item[0], "value": item[1]}
-            msrs[_int(pair, "index", bits=32) or 0] = _int(pair, "value") or 0
+        if not all(isinstance(item, list) and len(item) == 2 for item in msrs_raw):
+            raise StateError("vCPU state field 'msrs' must be a list of [index, value]")
+        msrs = {item[0]: item[1] for item in msrs_raw}
+        _uints([item[0] for item in msrs_raw], 32, "an MSR index")
+        _uints(list(msrs.values()), 64, "an MSR value")
         cpuid_raw = d.get("cpuid")
         if not isinstance(cpuid_raw, list):
             raise StateError("vCPU state field 'cpuid' must be a list")
-        cpuid = []
-        for item in cpuid_raw:
-            if not isinstance(item, list) or len(item) != len(_CPUID_FIELDS):
-                raise StateError("a CPUID entry must be a list of 7 integers")
-            entry = dict(zip(_CPUID_FIELDS, item, strict=True))
-            for f in _CPUID_FIELDS:
-                _int(entry, f, bits=32)
-            cpuid.append(CpuidEntry(**entry))
+        width = len(_CPUID_FIELDS)
+        if not all(isinstance(item, list) and len(item) == width for item in cpuid_raw):
+            raise StateError("a CPUID entry must be a list of 7 integers")
+        _uints([v for item in cpuid_raw for v in item], 32, "a CPUID entry's field")
+        cpuid = [CpuidEntry(*item) for item in cpuid_raw]
         return cls(
             index=_int(d, "index", bits=32) or 0,
             mp_state=_int(d, "mp_state", bits=32) or 0,

@@ -58,13 +58,22 @@ class Kvm(FdObject):
             )
         self.api_version = version
         self._mmap_size: int | None = None
+        # what /dev/kvm answers never changes while it is open: asked once each
+        self._extensions: dict[int, int] = {}
+        self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
 
     def _describe(self) -> str:
         return f"Kvm({self.path})"
 
     def check_extension(self, cap: Cap | int) -> int:
-        """``KVM_CHECK_EXTENSION``: 0 when absent, else a capability-specific value."""
-        return self._ioctl(ioctls.KVM_CHECK_EXTENSION, int(cap))
+        """``KVM_CHECK_EXTENSION``: 0 when absent, else a capability-specific value
+        (asked of the kernel once per capability: the answer is fixed for the host)."""
+        self._check_open()
+        key = int(cap)
+        value = self._extensions.get(key)
+        if value is None:
+            value = self._extensions[key] = self._ioctl(ioctls.KVM_CHECK_EXTENSION, key)
+        return value
 
     @property
     def vcpu_mmap_size(self) -> int:
@@ -96,7 +105,14 @@ class Kvm(FdObject):
         return self.check_extension(Cap.NR_MEMSLOTS) or 32
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""
+        """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest (a new
+        list each call, of entries asked of the kernel once)."""
+        self._check_open()
+        if self._supported_cpuid is None:
+            self._supported_cpuid = tuple(self._ask_supported_cpuid())
+        return list(self._supported_cpuid)
+
+    def _ask_supported_cpuid(self) -> list[CpuidEntry]:
         nent = _MAX_CPUID_ENTRIES
         while True:
             buf = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})

@@ -1,6 +1,7 @@
 """The device bus: port-I/O and MMIO ranges, each claimed by one device.
 
-Dispatch is a dict lookup per port (ports are few) and a bisect per MMIO address.
+Dispatch is a dict lookup per port (a bisect for the few long ranges, as a PCI I/O
+window) and a bisect per MMIO address.
 Unclaimed accesses are counted; they read as all ones and writes are dropped, unless
 the bus is ``strict``, when they raise :class:`BusError` naming the address and RIP.
 """
@@ -47,25 +48,59 @@ class MmioDevice(Protocol):
     def mmio_read(self, addr: int, length: int) -> int: ...
 
 
+#: A port range at least this long is kept as one range (see :meth:`Bus.register_ports`).
+WINDOW_PORTS = 256
+
+
 class Bus:
     """Port and MMIO ranges → devices.  Registration happens before the vCPUs run;
     lookups are then read-only and safe from every vCPU thread."""
 
     def __init__(self) -> None:
         self.ports: dict[int, PortDevice] = {}
+        self._port_devices: list[PortDevice] = []
+        self._window_starts: list[int] = []
+        self._windows: list[tuple[int, int, PortDevice]] = []
         self._mmio_starts: list[int] = []
         self._mmio: list[tuple[int, int, MmioDevice]] = []
 
     def register_ports(self, base: int, count: int, device: PortDevice) -> None:
+        """Give ports ``base .. base+count-1`` to ``device``.  A range of
+        :data:`WINDOW_PORTS` or more (a PCI I/O window) is kept as one range, not port by
+        port: look ports up with :meth:`port_device`; :attr:`ports` holds the others."""
         if not (base >= 0 and base + count <= 0x10000 and count > 0):
             raise BusError(f"{device.name}: port range {base:#x}+{count} is outside 0..0xffff")
-        for port in range(base, base + count):
-            if port in self.ports:
-                raise BusError(
-                    f"{device.name}: port {port:#x} is already claimed by {self.ports[port].name}"
-                )
-        for port in range(base, base + count):
-            self.ports[port] = device
+        end = base + count
+        clashes = [p for p in self.ports if base <= p < end]
+        clashes += [max(s, base) for s, e, _ in self._windows if base < e and s < end]
+        if clashes:
+            port = min(clashes)
+            owner = self.port_device(port)
+            raise BusError(
+                f"{device.name}: port {port:#x} is already claimed by "
+                f"{owner.name if owner else '?'}"
+            )
+        if count >= WINDOW_PORTS:
+            i = bisect.bisect_right(self._window_starts, base)
+            self._window_starts.insert(i, base)
+            self._windows.insert(i, (base, end, device))
+        else:
+            self.ports.update(dict.fromkeys(range(base, end), device))
+        if all(d is not device for d in self._port_devices):
+            self._port_devices.append(device)
+
+    def port_device(self, port: int) -> PortDevice | None:
+        """The device that claimed ``port``, or None."""
+        device = self.ports.get(port)
+        if device is None and self._windows:
+            i = bisect.bisect_right(self._window_starts, port) - 1
+            if i >= 0 and port < self._windows[i][1]:
+                return self._windows[i][2]
+        return device
+
+    def port_devices(self) -> list[PortDevice]:
+        """Every device that claimed ports, once each, in the order they registered."""
+        return list(self._port_devices)
 
     def register_mmio(self, base: int, length: int, device: MmioDevice) -> None:
         if length <= 0:

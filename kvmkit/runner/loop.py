@@ -232,7 +232,7 @@ class VcpuLoop:
             port = exit_.port
             if count:
                 stats.ports[port] += 1
-            dev = self.bus.ports.get(port)
+            dev = self.bus.port_device(port)
             if dev is None:
                 self._unclaimed("port", port, True)
             else:
@@ -243,7 +243,7 @@ class VcpuLoop:
             port = exit_.port
             if count:
                 stats.ports[port] += 1
-            dev = self.bus.ports.get(port)
+            dev = self.bus.port_device(port)
             if dev is None:
                 self._unclaimed("port", port, False)
                 exit_.reply((1 << (8 * exit_.size)) - 1)
@@ -417,7 +417,7 @@ class VcpuLoop:
     def _standard_port(self, port: int, cls: type) -> int:
         """``port`` if the bus gives it to the runner's own ``cls`` device wired to this
         run's context (so C may answer it exactly as that device would), else -1."""
-        dev = self.bus.ports.get(port)
+        dev = self.bus.port_device(port)
         if type(dev) is not cls:
             return -1
         if isinstance(dev, DebugConsole) and dev.console is not self.ctx.console:

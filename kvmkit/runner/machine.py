@@ -42,7 +42,6 @@ reports the value whole); 0 for halt, reset and poweroff (as QEMU's ``-no-reboot
 from __future__ import annotations
 
 import contextlib
-import itertools
 import sys
 import threading
 import time
@@ -247,7 +246,7 @@ def build_bus(
         (HYPERCALL_BASE + 1, HYPERCALL_COUNT - 1, lambda: Hypercalls(ctx)),
     ]
     for base, count, make_std in standard:
-        if all(p not in bus.ports for p in range(base, base + count)):
+        if all(bus.port_device(p) is None for p in range(base, base + count)):
             bus.register_ports(base, count, make_std())
     return bus
 
@@ -663,8 +662,9 @@ class Machine:
             pass  # no ring: the regions log dirty pages into bitmaps instead
         return vm
 
-    def _add_platform(self) -> None:
-        """irqchip/PIT, TSS, bus and platform devices (memory must be in place)."""
+    def _add_platform(self, *, write_tables: bool = True) -> None:
+        """irqchip/PIT, TSS, bus and platform devices (memory must be in place, and
+        gets the ACPI tables unless ``write_tables`` is False)."""
         config, vm, ctx = self.config, self.vm, self.ctx
         if config.irqchip:  # before any vCPU, whatever their number
             vm.create_irqchip()
@@ -685,6 +685,7 @@ class Machine:
             devices=config.devices,
             on_reset=ctx.request_reset,
             on_poweroff=lambda: ctx.request_poweroff("ACPI S5 (PM1a control)"),
+            write_tables=write_tables,
         )
 
     @classmethod
@@ -769,7 +770,7 @@ class Machine:
         m.kind, m.mode = kind, mode
         try:
             snap.map_memory(m.vm, eager=eager)
-            m._add_platform()
+            m._add_platform(write_tables=False)  # the snapshot's memory holds them
             m.vcpus = snap.restore_state(m.vm)
             m.load_devices(man.devices, SnapshotError)
         except BaseException:
@@ -782,10 +783,8 @@ class Machine:
         """The bus's own devices (not the platform's), by name, each once."""
         assert self.bus is not None
         platform_ids = {id(d) for d in self.platform.devices.values()}
-        # a device's ports are consecutive: groupby on id() walks the 64 Ki ports in C
-        unique = {k: next(g) for k, g in itertools.groupby(self.bus.ports.values(), key=id)}
         out: dict[str, Any] = {}
-        for dev in sorted(unique.values(), key=lambda d: d.name):
+        for dev in sorted(self.bus.port_devices(), key=lambda d: d.name):
             if id(dev) not in platform_ids and hasattr(dev, "save"):
                 out.setdefault(dev.name, dev)
         return out
@@ -827,7 +826,7 @@ class Machine:
     ) -> RunResult:
         """Run every vCPU until the run ends (see :func:`_run_vcpus` for ``action``)."""
         assert self.bus is not None
-        uart = self.bus.ports.get(COM1_PORT)
+        uart = self.bus.port_device(COM1_PORT)
         if self.config.stdin_fd is not None and isinstance(uart, Uart8250):
             self._feeder = forward_input(uart, self.config.stdin_fd, self._feeding)
 
@@ -1012,7 +1011,7 @@ class Machine:
             """Build the machine ``settings`` describe on ``m``'s VM (memory in place)."""
             config, kind, mode = _config_from_settings(settings, echo=echo, error=ProtocolError)
             m.config, m.kind, m.mode = config, kind, mode
-            m._add_platform()
+            m._add_platform(write_tables=False)  # they come with the guest's memory
             m.vcpus = [m.vm.create_vcpu(i) for i in range(config.vcpus)]
 
         def prepare(layout: Any) -> Vm:
@@ -1024,8 +1023,6 @@ class Machine:
                 configure(m, layout.machine)
                 if m.config.vcpus != layout.vcpu_count:
                     raise ProtocolError("the stream's vCPU count is not its machine's")
-                tables = m.platform.acpi  # the receiver wants all-zero memory to start
-                vm.write(tables.base, bytes(len(tables.blob)))
             return vm
 
         def apply(vm: Vm, blob: bytes) -> None:
@@ -1066,7 +1063,7 @@ class Machine:
             self.platform = None
         if self.bus is not None:
             for base, _count, _make in self.config.port_devices:
-                getattr(self.bus.ports.get(base), "close", lambda: None)()
+                getattr(self.bus.port_device(base), "close", lambda: None)()
             self.bus = None
         self.vm.close()
 

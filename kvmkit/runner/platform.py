@@ -122,9 +122,12 @@ def install_pc_platform(
     devices: Iterable[str] = (),
     on_reset: ResetHandler = end_run_on_reset,
     on_poweroff: Callable[[], None] | None = None,
+    write_tables: bool = True,
 ) -> PcPlatform:
     """Register the pc platform's devices on ``bus`` and write the ACPI tables into
-    ``vm``'s memory (which must cover 0xF0000-0xFFFFF).  ``devices`` adds optional ones
+    ``vm``'s memory (which must then cover 0xF0000-0xFFFFF; ``write_tables=False`` leaves
+    memory alone, for a guest whose memory comes from a snapshot or a migration, which
+    holds the tables as the guest left them).  ``devices`` adds optional ones
     by name (:data:`OPTIONAL_DEVICES`).  Raises :class:`RunnerError` for an unknown device
     or tables that do not fit, :class:`~kvmkit.runner.errors.BusError` for a port or
     range already claimed."""
@@ -161,7 +164,7 @@ def install_pc_platform(
             bus.register_ports(TESTDEV_IOPORT, 4, pc_testdev)
             bus.register_ports(TESTDEV_FLUSH, 4, pc_testdev)
             for port in range(TESTDEV_IOPORT_BYTE, TESTDEV_IOPORT_BYTE + 4):
-                if port not in bus.ports:  # 0xe9 stays the debug console's, as in QEMU
+                if bus.port_device(port) is None:  # 0xe9 stays the debug console's, as in QEMU
                     bus.register_ports(port, 1, pc_testdev)  # when pc-testdev comes first
             bus.register_ports(TESTDEV_IRQ_BASE, TESTDEV_IRQ_COUNT, pc_testdev)
             bus.register_mmio(TESTDEV_IOMEM, TESTDEV_IOMEM_LEN, pc_testdev)
@@ -170,7 +173,8 @@ def install_pc_platform(
             pci_testdev = PciTestdev()
             pci.add_function(pci_testdev.function)
             installed["pci-testdev"] = pci_testdev
-        vm.write(tables.base, tables.blob)
+        if write_tables:
+            vm.write(tables.base, tables.blob)
     except BaseException:
         rtc.close()
         raise

@@ -45,7 +45,26 @@ def test_overlapping_port_ranges_are_refused() -> None:
         bus.register_ports(0x3FC, 4, Sink("other"))
     with pytest.raises(BusError, match="outside"):
         bus.register_ports(0xFFFF, 2, Sink("wrap"))
-    assert 0x3FC not in bus.ports or bus.ports[0x3FC].name == "uart"
+    owner = bus.port_device(0x3FC)
+    assert owner is not None and owner.name == "uart"
+
+
+def test_a_long_port_range_is_one_window_with_the_same_rules() -> None:
+    bus = Bus()
+    window, small = Sink("pci-io"), Sink("small")
+    bus.register_ports(0xC000, 0x4000, window)
+    assert 0xC000 not in bus.ports  # kept as a range, not 16 Ki entries
+    assert bus.port_device(0xC000) is window and bus.port_device(0xFFFF) is window
+    assert bus.port_device(0xBFFF) is None
+    with pytest.raises(BusError, match=r"port 0xc000 is already claimed by pci-io"):
+        bus.register_ports(0xBFFE, 4, small)
+    with pytest.raises(BusError, match=r"port 0xd000 is already claimed by pci-io"):
+        bus.register_ports(0xD000, 0x100, small)
+    bus.register_ports(0x100, 0x200, Sink("low"))
+    with pytest.raises(BusError, match=r"port 0x2ff is already claimed by low"):
+        bus.register_ports(0x2FF, 1, small)
+    bus.register_ports(0xBFF0, 16, small)
+    assert [d.name for d in bus.port_devices()] == ["pci-io", "low", "small"]
 
 
 def test_overlapping_mmio_ranges_are_refused_and_lookup_finds_the_owner() -> None:

@@ -119,7 +119,9 @@ def test_bars_are_assigned_like_firmware_would_and_route_accesses() -> None:
     assert window.mmio_read(bar0 + 8, 4) == 0x1234
     window.mmio_write(bar0 + 0x10, b"\x07\0\0\0")
     port = bar2 & ~3
-    assert bus.ports[port + 3].io_in(port + 3, 1) == 0x56
+    io_window = bus.port_device(port + 3)
+    assert io_window is not None
+    assert io_window.io_in(port + 3, 1) == 0x56
     assert mem.log == [("r", 8, 4), ("w", 0x10, 7)] and io.log == [("in", 3, 1)]
 
 
