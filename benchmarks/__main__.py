@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [o for o in args.only if o not in found and f"bench_{o}" not in found]
     if unknown:
         parser.error(f"no benchmark named {', '.join(unknown)} (have: {', '.join(found)})")
+    from kvmkit.kvm.backend import BACKEND_MEANING, detect_backend
+
+    backend = detect_backend()  # every figure below was measured on this KVM
+    print(f"KVM backend: {backend} ({BACKEND_MEANING[backend]})")
     results: list[Result] = []
     outcomes: list[Outcome] = []
     for name, where in found.items():
@@ -120,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     status = {o.name: {"status": o.status, "detail": o.detail} for o in outcomes}
     if args.json:
-        meta = {"host": platform.node(), "time": time.time(), "quick": args.quick, "status": status}
+        meta = {
+            "host": platform.node(),
+            "kvm_backend": backend,
+            "time": time.time(),
+            "quick": args.quick,
+            "status": status,
+        }
         save(results, args.json, meta)
         print(f"results saved to {args.json}")
     if args.report:

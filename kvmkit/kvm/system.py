@@ -61,6 +61,7 @@ class Kvm(FdObject):
         # what /dev/kvm answers never changes while it is open: asked once each
         self._extensions: dict[int, int] = {}
         self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
+        self._msr_index_list: tuple[int, ...] | None = None
 
     def _describe(self) -> str:
         return f"Kvm({self.path})"
@@ -126,7 +127,13 @@ class Kvm(FdObject):
             return [CpuidEntry.from_c(buf.entries[i]) for i in range(buf.nent)]
 
     def msr_index_list(self) -> list[int]:
-        """``KVM_GET_MSR_INDEX_LIST``: MSRs a VMM should save and restore."""
+        """``KVM_GET_MSR_INDEX_LIST``: MSRs a VMM should save and restore (asked once)."""
+        self._check_open()
+        if self._msr_index_list is None:
+            self._msr_index_list = tuple(self._ask_msr_index_list())
+        return list(self._msr_index_list)
+
+    def _ask_msr_index_list(self) -> list[int]:
         probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})
         try:
             self._ioctl(ioctls.KVM_GET_MSR_INDEX_LIST, probe)

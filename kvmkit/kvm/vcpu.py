@@ -97,6 +97,7 @@ class Vcpu(FdObject):
         self._running_thread: int | None = None
         self._io_data_offset = 0
         self._io_len = 0
+        self._readable: dict[tuple[int, ...], list[int]] = {}  # readable_msrs' answers
 
     def _describe(self) -> str:
         return f"Vcpu({self.index})"
@@ -181,6 +182,7 @@ class Vcpu(FdObject):
         for i, e in enumerate(entries):
             e.to_c(c.entries[i])
         self._ioctl(ioctls.KVM_SET_CPUID2, c)
+        self._readable.clear()  # which MSRs exist follows CPUID
 
     def get_cpuid2(self) -> list[CpuidEntry]:
         n = 256
@@ -299,9 +301,15 @@ class Vcpu(FdObject):
         ``KVM_GET_MSR_INDEX_LIST`` names MSRs that exist on the host; some of them this
         guest's CPUID does not have.  ``KVM_GET_MSRS`` stops at the first it cannot read
         and returns how many it read: drop that one and go on, as QEMU only asks for the
-        MSRs its probe found readable."""
+        MSRs its probe found readable.  The answer is kept until :meth:`set_cpuid2`."""
+        key = tuple(indices)
+        if key not in self._readable:
+            self._readable[key] = self._probe_msrs(list(indices))
+        return list(self._readable[key])
+
+    def _probe_msrs(self, indices: list[int]) -> list[int]:
         out: list[int] = []
-        rest = list(indices)
+        rest = indices
         while rest:
             n = len(rest)
             c = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})

@@ -214,3 +214,63 @@ def test_runs_across_adjacent_regions_are_split(kvm: Kvm) -> None:
             t.join(60)
         assert stats.rounds[-1] == 2
         assert dst.read(0xF000, 0x1000) + dst.read(0x10000, 0x1000) == b"\x11" * 0x2000
+
+
+class _Scripted:
+    """A dirty source that reports the runs it is given, one list per collect()."""
+
+    def __init__(self, *reports: list[tuple[int, int]], then: list[tuple[int, int]]) -> None:
+        self.reports = list(reports)
+        self.then = then
+
+    def start(self) -> None:
+        pass
+
+    def collect(self) -> list[tuple[int, int]]:
+        return self.reports.pop(0) if self.reports else self.then
+
+
+def _send_with(
+    kvm: Kvm, source: _Scripted, *, downtime_ms: float, max_rounds: int = 30
+) -> list[int]:
+    """Pages per round of a migration of a 64 KiB VM whose dirty log is ``source``."""
+    with kvm.create_vm() as src, kvm.create_vm() as dst:
+        src.add_memory(0, 0x10000, log_dirty=True)
+        src.create_vcpu(0)
+        a, b = socket.socketpair()
+        with a, b:
+            a.settimeout(30)
+            b.settimeout(30)
+            t = threading.Thread(
+                target=receive_vm,
+                args=(b, lambda lay: add_layout_memory(dst, lay), lambda vm, s: None),
+            )
+            t.start()
+            stats = send_vm(
+                a,
+                src,
+                source,
+                pause=lambda: None,
+                state=lambda: b"{}",
+                downtime_ms=downtime_ms,
+                max_rounds=max_rounds,
+            )
+            t.join(60)
+        return stats.rounds
+
+
+def test_a_dirty_round_runs_before_the_stop_whatever_round_0_cost(kvm: Kvm) -> None:
+    """Round 0 (mostly zero runs) says nothing of what scattered pages cost: the sender
+    always sends one dirty round while the guest runs, then stops once the rest fits."""
+    rounds = _send_with(kvm, _Scripted([(0x1000, 3)], then=[(0x5000, 1)]), downtime_ms=1000)
+    assert rounds == [16, 3, 1]  # learn in round 1, then 1 page fits 1 s
+
+
+def test_nothing_dirty_means_no_dirty_round(kvm: Kvm) -> None:
+    rounds = _send_with(kvm, _Scripted([], then=[]), downtime_ms=0)
+    assert rounds == [16, 0]
+
+
+def test_a_target_never_met_stops_at_the_round_limit(kvm: Kvm) -> None:
+    rounds = _send_with(kvm, _Scripted(then=[(0x2000, 2)]), downtime_ms=0, max_rounds=4)
+    assert rounds == [16, 2, 2, 2, 2]  # 4 live rounds, then the stop-and-copy one

@@ -13,7 +13,8 @@ Design
   (zero runs as ZERO records) while the guest runs, then the pages a
   :class:`DirtySource` reports (:class:`BitmapDirtySource` on ``KVM_GET_DIRTY_LOG``,
   :class:`RingDirtySource` on the dirty ring), until the remainder fits the downtime
-  target at the measured bandwidth or the round limit; then ``pause()``, the remainder,
+  target at the cost per page the last dirty round measured (at least one dirty round
+  runs), or the round limit; then ``pause()``, the remainder,
   the state, and the destination's verdict.  On failure the caller resumes the guest.
 - **Receiver** (:mod:`.receiver`): writes pages straight into guest memory, and only
   after END's checksum matched hands the state to ``apply_state``; any fault is reported

@@ -174,7 +174,7 @@ class Encoder:
             )
         # One copy, hashed and sent as is: guest memory may change under a live view.
         data = bytes(data)
-        if data == _ZEROS[: len(data)]:
+        if data == (_ZERO_PAGE if n == 1 else _ZEROS[: len(data)]):  # 1: no slice copy
             return self._emit(_RECORD.pack(ZERO, n, gpa))
         return self._emit(_RECORD.pack(PAGES, n, gpa), data)
 
@@ -195,6 +195,7 @@ class Encoder:
 
 
 _ZEROS = bytes(MAX_RUN_PAGES * PAGE_SIZE)
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class Decoder:
@@ -208,7 +209,7 @@ class Decoder:
         self.layout: Layout | None = None
         self.ended = False
         self.bytes_in = 0
-        self._last = "the header"
+        self._last: tuple[int, int] | None = None  # kind and address of the last record
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self.ended and data:
@@ -227,7 +228,8 @@ class Decoder:
                 return events
 
     def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
+        with memoryview(self._buf) as view:
+            out = view[:n].tobytes()  # one copy (a bytearray slice would be a second)
         del self._buf[:n]
         self._sha.update(out)
         return out
@@ -263,7 +265,7 @@ class Decoder:
             return None
         kind, count, addr = _RECORD.unpack_from(buf)
         if kind not in _KINDS:
-            raise ProtocolError(f"unknown record kind {kind} after {self._last}")
+            raise ProtocolError(f"unknown record kind {kind} after {self._last_text()}")
         payload = 0
         if kind == PAGES:
             if not 0 < count <= MAX_RUN_PAGES:
@@ -292,7 +294,7 @@ class Decoder:
         if len(buf) < _RECORD.size + payload:
             return None
         self._take(_RECORD.size)
-        self._last = f"{_KINDS[kind]} at {addr:#x}"
+        self._last = (kind, addr)  # formatted only for an error: records are many
         if kind == PAGES:
             return Pages(addr, self._take(payload))
         if kind == ZERO:
@@ -300,6 +302,12 @@ class Decoder:
         if kind == ROUND:
             return RoundEnd(addr, count)
         return State(self._take(payload))
+
+    def _last_text(self) -> str:
+        if self._last is None:
+            return "the header"
+        kind, addr = self._last
+        return f"{_KINDS[kind]} at {addr:#x}"
 
     def eof(self) -> None:
         """The peer closed the stream: an error unless END was reached."""
@@ -315,7 +323,7 @@ class Decoder:
                     hint="the source went away; it keeps running",
                 )
         raise ProtocolError(
-            f"the migration stream ended after {self._last}, before its end record",
+            f"the migration stream ended after {self._last_text()}, before its end record",
             hint="the source went away; it keeps running",
         )
 

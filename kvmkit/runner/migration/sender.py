@@ -2,8 +2,9 @@
 
 As QEMU's ``migration/ram.c``: round 0 sends all memory while the guest runs; each later
 round sends what the dirty log reported since the previous one; when the remainder
-would take no longer than the downtime target at the bandwidth measured so far (or
-the round limit is reached) the vCPUs are paused, the remainder and the state are
+would take no longer than the downtime target at the cost per page the last dirty
+round measured (so at least one dirty round runs: round 0's long zero runs say nothing
+of what scattered pages cost), or the round limit is reached, the vCPUs are paused, the remainder and the state are
 sent, and the source waits for the destination's verdict.  A failure raises
 :class:`MigrationError`; resuming the guest is the caller's job (it still owns it).
 """
@@ -240,20 +241,19 @@ def _send_vm(
             progress(len(stats.rounds) - 1, pages)
 
     # round 0: everything, guest running
-    t0 = time.perf_counter()
-    bytes0 = enc.bytes_out
     finish_round(send_runs([(int(r.guest_phys), r.size // PAGE_SIZE) for r in regions]))
-    bandwidth = (enc.bytes_out - bytes0) / max(time.perf_counter() - t0, 1e-6)
 
+    # What a page costs is learnt from the dirty rounds only: round 0 is mostly long
+    # zero runs, far cheaper per page than the scattered pages a dirty round sends.
+    page_s: float | None = None
     pending = source.collect()
     while len(stats.rounds) < max_rounds:
-        remaining = sum(n for _, n in pending) * PAGE_SIZE
-        if remaining / bandwidth * 1000 <= downtime_ms:
+        pages = sum(n for _, n in pending)
+        if pages == 0 or (page_s is not None and pages * page_s * 1000 <= downtime_ms):
             break
         t0 = time.perf_counter()
-        bytes0 = enc.bytes_out
         finish_round(send_runs(pending))
-        bandwidth = max((enc.bytes_out - bytes0) / max(time.perf_counter() - t0, 1e-6), 1.0)
+        page_s = (time.perf_counter() - t0) / pages
         pending = source.collect()
 
     # stop and copy
