@@ -274,3 +274,19 @@ def test_nothing_dirty_means_no_dirty_round(kvm: Kvm) -> None:
 def test_a_target_never_met_stops_at_the_round_limit(kvm: Kvm) -> None:
     rounds = _send_with(kvm, _Scripted(then=[(0x2000, 2)]), downtime_ms=0, max_rounds=4)
     assert rounds == [16, 2, 2, 2, 2]  # 4 live rounds, then the stop-and-copy one
+
+
+def test_small_clean_gaps_are_sent_in_one_record_but_never_a_hole(kvm: Kvm) -> None:
+    from kvmkit.runner.migration.sender import MERGE_GAP_PAGES, _merge_gaps
+
+    page, gap = 4096, MERGE_GAP_PAGES
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 0x10000)
+        vm.add_memory(0x11000, 0x10000)  # a hole of 1 page between the regions
+        runs = [(0, 1), (page * (1 + gap), 2), (page * (3 + 2 * gap), 1)]
+        assert _merge_gaps(vm, runs) == [(0, 4 + 2 * gap)]
+        assert _merge_gaps(vm, [(0, 1), (page * (2 + gap), 1)]) == [(0, 1), (page * (2 + gap), 1)]
+        hole_end = [(0xF000, 1), (0x11000, 1)]  # 1 page apart, but that page is no memory
+        assert _merge_gaps(vm, hole_end) == hole_end
+        last_first = [(0xF000, 1), (0x10000 - page, 1)]  # not in address order: kept
+        assert _merge_gaps(vm, last_first) == last_first

@@ -93,6 +93,33 @@ class RingDirtySource:
         return _runs(sorted(pages))
 
 
+#: Clean pages between two dirty runs that are sent anyway, to make one record of both:
+#: a record costs ~10 us of Python on the two ends, a page's bytes ~5 us (SHA-256 on
+#: both ends, copies), measured on this project's 2-core host.
+MERGE_GAP_PAGES = 2
+
+
+def _merge_gaps(vm: Vm, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``runs`` (in address order) with gaps of up to :data:`MERGE_GAP_PAGES` clean pages
+    filled, where those pages are guest memory.  Sending a clean page is always right:
+    it holds what the destination would otherwise keep from an earlier round."""
+    out: list[tuple[int, int]] = []
+    for gpa, n in runs:
+        if out:
+            first, count = out[-1]
+            end = first + count * PAGE_SIZE
+            gap = gpa - end
+            if 0 <= gap <= MERGE_GAP_PAGES * PAGE_SIZE and _is_memory(vm, end, gap):
+                out[-1] = (first, count + gap // PAGE_SIZE + n)
+                continue
+        out.append((gpa, n))
+    return out
+
+
+def _is_memory(vm: Vm, gpa: int, length: int) -> bool:
+    return length == 0 or any(r.contains(gpa, length) for r in vm.regions)
+
+
 def _runs(pages: list[int]) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     for gpa in pages:
@@ -252,7 +279,7 @@ def _send_vm(
         if pages == 0 or (page_s is not None and pages * page_s * 1000 <= downtime_ms):
             break
         t0 = time.perf_counter()
-        finish_round(send_runs(pending))
+        finish_round(send_runs(_merge_gaps(vm, pending)))
         page_s = (time.perf_counter() - t0) / pages
         pending = source.collect()
 
@@ -260,7 +287,7 @@ def _send_vm(
     paused = time.perf_counter()
     pause()
     final = {gpa + i * PAGE_SIZE for gpa, n in pending + source.collect() for i in range(n)}
-    finish_round(send_runs(_runs(sorted(final))))
+    finish_round(send_runs(_merge_gaps(vm, _runs(sorted(final)))))
     out.write(enc.state(state()))
     out.write(enc.end())
     out.flush()
