@@ -644,6 +644,7 @@ class Machine:
         self.mode = Mode.LONG
         self.gate = PauseGate()
         self._pause_lock = threading.Lock()
+        self._pauses = 0  # pause() calls not yet undone by resume()
         self._collecting = False
         self._ring_lock = threading.Lock()
         self._stop_all: Callable[[], None] | None = None
@@ -851,7 +852,7 @@ class Machine:
             )
         finally:
             self._stop_all = None
-            self.resume()  # a pause left by snapshot(resume=False) or a migration
+            self._resume_all()  # pauses left by snapshot(resume=False) or a migration
             self._feeding.set()
             if self._feeder is not None:
                 self._feeder.join()
@@ -869,21 +870,37 @@ class Machine:
 
     def pause(self, *, timeout: float = 10.0) -> None:
         """Park every vCPU at its next exit; returns once none is in ``KVM_RUN``.
+        Pauses nest: the vCPUs run again after as many :meth:`resume` calls as there
+        were pauses (so a :meth:`snapshot` taken while the caller holds a pause leaves
+        the guest paused), whichever threads make them.
         :class:`MachineEndedError` if the run has ended (a vCPU's loop returned)."""
-        self._pause_lock.acquire()
-        paused = self.gate.pause(self.vcpus, timeout=timeout)
-        if not paused or self.gate.ended:
-            self.gate.resume()
-            self._pause_lock.release()
-            if paused:
-                raise MachineEndedError("the guest's run ended before its vCPUs were paused")
-            raise RunnerError(f"the vCPUs did not pause within {timeout:g} s")
+        with self._pause_lock:
+            if self._pauses:
+                self._pauses += 1
+                return
+            paused = self.gate.pause(self.vcpus, timeout=timeout)
+            if not paused or self.gate.ended:
+                self.gate.resume()
+                if paused:
+                    raise MachineEndedError("the guest's run ended before its vCPUs were paused")
+                raise RunnerError(f"the vCPUs did not pause within {timeout:g} s")
+            self._pauses = 1
 
     def resume(self) -> None:
-        """Let paused vCPUs run again."""
-        self.gate.resume()
-        if self._pause_lock.locked():
-            self._pause_lock.release()
+        """Undo one :meth:`pause`; the vCPUs run again once none is left (a resume
+        without a pause does nothing)."""
+        with self._pause_lock:
+            if self._pauses > 1:
+                self._pauses -= 1
+                return
+            self._pauses = 0
+            self.gate.resume()
+
+    def _resume_all(self) -> None:
+        """Drop every pause (the run is over, or stopped)."""
+        with self._pause_lock:
+            self._pauses = 0
+            self.gate.resume()
 
     def _dirty_ring_full(self, vcpu: Any) -> None:
         if self._collecting:

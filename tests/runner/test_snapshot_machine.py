@@ -194,3 +194,31 @@ def test_cli_snapshot_that_cannot_be_written_is_a_clear_error() -> None:
     p = _kvmkit("run", "dirty", "--snapshot", "/proc/kvmkit-no-snapshot", "--snapshot-after", "0.2")
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("kvmkit run: error: cannot create")
+
+
+def test_pauses_nest_and_a_snapshot_inside_one_keeps_the_guest_paused(
+    kvm: Kvm, guest_image, tmp_path: Path
+) -> None:
+    """pause() twice (no hang), snapshot() while paused, then the guest runs again only
+    after the second resume(); the run still ends with the uninterrupted result."""
+    image = guest_image("dirty")
+    base = run_guest(_config(image, 1, 64 * MiB), kvm=kvm)
+    seen: list[bool] = []
+
+    def act(machine: Machine) -> tuple[str, str] | None:
+        machine.pause()
+        machine.pause(timeout=1)
+        machine.snapshot(tmp_path / "s")  # its own pause and resume nest inside ours
+        seen.append(machine.gate.requested)
+        machine.resume()
+        seen.append(machine.gate.requested)
+        machine.resume()
+        seen.append(machine.gate.requested)
+        machine.resume()  # one too many: nothing happens
+        seen.append(machine.gate.requested)
+        return None
+
+    r = run_guest(_config(image, 1, 64 * MiB), kvm=kvm, action=(0.1, act))
+    assert seen == [True, True, False, False]
+    assert (r.console, r.exit_code) == (base.console, 0)
+    assert (tmp_path / "s" / "manifest.json").exists()
