@@ -52,6 +52,8 @@ def qemu_binary() -> str:
 # not litter.  (TMPDIR is left alone: QEMU's unix socket paths must stay under 108 bytes.)
 
 SESSION_VAR = "KVMKIT_TEST_SESSION"
+#: Every network namespace a test makes starts with this (the leak check looks at these).
+NETNS_PREFIX = "kk-"
 
 
 def _netns() -> set[str]:
@@ -119,7 +121,9 @@ class _LeakCheck:
         for fd, kind in sorted(_own_sockets() - self.sockets):
             found.append(f"socket fd {fd} ({kind}) still open in the test process")
         found += [f"temp path {p}" for p in self.temp_paths if os.path.lexists(p)]
-        found += [f"network namespace {n}" for n in sorted(_netns() - self.netns)]
+        # tests name their namespaces kk-*: another session's on this host are not ours
+        new_netns = sorted(n for n in _netns() - self.netns if n.startswith(NETNS_PREFIX))
+        found += [f"network namespace {n}" for n in new_netns]
         found += [f"LXC container {c}" for c in sorted(_containers() - self.containers)]
         return found
 
