@@ -1,6 +1,8 @@
 """Snapshot restore and live migration of kvmkit's own minimal VMs (the ``dirty`` guest).
 
-Restore latency, for 128 MiB and 1 GiB guests, lazy (``MAP_PRIVATE``) and eager:
+Restore latency, for 128 MiB and 1 GiB guests, lazy (``MAP_PRIVATE``) and eager (all
+memory read into anonymous memory and its SHA-256 checked first: it grows with RAM by
+design, so it has no goal and is shown for comparison):
 
 - *to first instruction*: from the start of ``Machine.restore`` to the first MARK
   hypercall the guest makes after it (the guest issues one every ~40 µs while it waits

@@ -68,9 +68,12 @@ class Kvm(FdObject):
 
     def check_extension(self, cap: Cap | int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 when absent, else a capability-specific value
-        (asked of the kernel once per capability: the answer is fixed for the host)."""
+        (asked of the kernel once per capability: the answer is fixed for the host, but
+        for ``XSAVE2``, asked each time)."""
         self._check_open()
         key = int(cap)
+        if key == Cap.XSAVE2:  # its size follows the process's XSTATE permissions
+            return self._ioctl(ioctls.KVM_CHECK_EXTENSION, key)
         value = self._extensions.get(key)
         if value is None:
             value = self._extensions[key] = self._ioctl(ioctls.KVM_CHECK_EXTENSION, key)

@@ -35,7 +35,6 @@ class Vm(FdObject):
         self._lock = threading.Lock()
         self._regions: dict[int, GuestMemory] = {}
         self._vcpus: dict[int, Vcpu] = {}
-        self._extensions: dict[int, int] = {}
         kernel_slots = kvm.max_memory_slots
         self.max_memory_slots = min(max_memory_slots or kernel_slots, kernel_slots)
         self.has_irqchip = False
@@ -335,14 +334,9 @@ class Vm(FdObject):
     # ---- complete state, dirty tracking (snapshot, restore, migration) ----------------
     def check_extension(self, cap: Cap | int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd: the VM's own answer (``XSAVE2`` size,
-        dirty-ring size, ``SREGS2``); 0 when absent.  Asked once per capability: the
-        answer is fixed for the VM."""
-        self._check_open()
-        key = int(cap)
-        value = self._extensions.get(key)
-        if value is None:
-            value = self._extensions[key] = self._ioctl(ioctls.KVM_CHECK_EXTENSION, key)
-        return value
+        dirty-ring size, ``SREGS2``); 0 when absent.  Asked each time: ``XSAVE2``'s size
+        follows the process's XSTATE permissions, which may grow."""
+        return self._ioctl(ioctls.KVM_CHECK_EXTENSION, int(cap))
 
     def enable_cap(self, cap: Cap | int, *args: int) -> None:
         """``KVM_ENABLE_CAP`` on the VM with up to four arguments."""

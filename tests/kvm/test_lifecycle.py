@@ -33,9 +33,29 @@ def test_calls_on_a_closed_vm_raise_closed_error(kvm: Kvm) -> None:
 
 def test_closed_kvm_refuses_calls() -> None:
     kvm = Kvm()
+    kvm.check_extension(Cap.USER_MEMORY)  # answers kept from before the close
+    kvm.msr_index_list()
     kvm.close()
-    with pytest.raises(ClosedError, match="Kvm.*closed"):
-        kvm.create_vm()
+    for call in (
+        kvm.create_vm,
+        lambda: kvm.check_extension(Cap.USER_MEMORY),
+        kvm.msr_index_list,
+        kvm.supported_cpuid,
+    ):
+        with pytest.raises(ClosedError, match="Kvm.*closed"):
+            call()
+
+
+def test_kept_answers_are_the_kernels_and_callers_get_their_own_copies(kvm: Kvm) -> None:
+    msrs, cpuid = kvm.msr_index_list(), kvm.supported_cpuid()
+    msrs.clear()
+    cpuid.clear()
+    assert kvm.msr_index_list() and kvm.supported_cpuid()  # the kept lists are untouched
+    fresh = Kvm()
+    with fresh:
+        assert fresh.msr_index_list() == kvm.msr_index_list()
+        assert fresh.supported_cpuid() == kvm.supported_cpuid()
+        assert [fresh.check_extension(c) for c in Cap] == [kvm.check_extension(c) for c in Cap]
 
 
 def test_failed_ioctl_names_ioctl_errno_and_object(vm: Vm) -> None:
