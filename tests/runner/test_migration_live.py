@@ -31,7 +31,7 @@ from kvmkit.runner.migration import (
     receive_vm,
     send_vm,
 )
-from kvmkit.runner.migration.protocol import decode_reply
+from kvmkit.runner.migration.protocol import VERSION, decode_reply
 from kvmkit.runner.snapshot import capture_state
 
 
@@ -149,7 +149,7 @@ def test_version_mismatch_is_refused_and_reported(kvm: Kvm) -> None:
         a.settimeout(10)
         assert decode_reply(a.recv(4096)) == (
             False,
-            "the source speaks migration stream version 7; this kvmkit speaks 1 "
+            f"the source speaks migration stream version 7; this kvmkit speaks {VERSION} "
             "(use the same kvmkit version on both ends)",
         )
 

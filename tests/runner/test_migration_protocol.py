@@ -18,7 +18,15 @@ from kvmkit.runner.migration import (
     ProtocolError,
     parse_address,
 )
-from kvmkit.runner.migration.protocol import End, Hello, Pages, RoundEnd, State, ZeroPages
+from kvmkit.runner.migration.protocol import (
+    VERSION,
+    End,
+    Hello,
+    Pages,
+    RoundEnd,
+    State,
+    ZeroPages,
+)
 
 LAYOUT = Layout(((0, 0x10000), (0x100000, 0x8000)), 2, "0.1.0")
 PAGE = 4096
@@ -101,8 +109,8 @@ def test_arbitrary_bytes_never_raise_anything_else(data: bytes) -> None:
 
 def test_version_mismatch() -> None:
     data = bytearray(STREAM)
-    struct.pack_into("<H", data, 8, 2)
-    with pytest.raises(ProtocolError, match="version 2; this kvmkit speaks 1"):
+    struct.pack_into("<H", data, 8, 1)  # version 1 ended with SHA-256, not XXH3-128
+    with pytest.raises(ProtocolError, match=f"version 1; this kvmkit speaks {VERSION}"):
         Decoder().feed(bytes(data))
 
 

@@ -5,7 +5,7 @@ Design
 - **Sans-I/O protocol** (:mod:`.protocol`): an :class:`Encoder` that returns bytes and a
   :class:`Decoder` fed bytes that returns events (header with magic and version and a
   JSON hello of the memory layout; PAGES/ZERO runs of 4 KiB pages; ROUND markers; one
-  STATE record; END with the SHA-256 of the whole stream; then a one-line JSON verdict
+  STATE record; END with the XXH3-128 checksum of the whole stream; then a one-line JSON verdict
   from the destination).  Every count is bounded, every run must fall in the declared
   memory, and a stream that stops early (mid-page included) or speaks another version is a
   :class:`ProtocolError`.  Tested without sockets or KVM.

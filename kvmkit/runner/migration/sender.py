@@ -94,8 +94,8 @@ class RingDirtySource:
 
 
 #: Clean pages between two dirty runs that are sent anyway, to make one record of both:
-#: a record costs ~10 us of Python on the two ends, a page's bytes ~5 us (SHA-256 on
-#: both ends, copies), measured on this project's 2-core host.
+#: a record costs ~10 us of Python on the two ends, a page's bytes a few us (copies and
+#: the stream checksum on both ends), measured on this project's 2-core host.
 MERGE_GAP_PAGES = 2
 
 
