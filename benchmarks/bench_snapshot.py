@@ -133,28 +133,11 @@ def _process_s(argv: list[str]) -> float:
     return wall * 1000
 
 
-def _start_destination(addr: str) -> subprocess.Popen[bytes]:
-    """``kvmkit run --incoming addr`` in its own process (as on another host: no GIL
-    shared with the source), returned once it listens.  It runs the guest it receives
-    for 0.2 s, then ends with status 124."""
-    dest = subprocess.Popen(
-        [sys.executable, "-m", "kvmkit", "run", "--incoming", addr, "--timeout", "0.2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert dest.stderr is not None
-    first = dest.stderr.readline()  # the ready line, or the reason it could not listen
-    if b"waiting for a migrating VM" not in first:
-        dest.kill()
-        rest = dest.communicate(timeout=30)[1]
-        raise RuntimeError(f"the destination did not listen: {(first + rest)[-300:]!r}")
-    return dest
-
-
 def _migrate(
     kvm: Any, image: Path, mem: int, args: str, addr: str, downtime_ms: float
 ) -> dict[str, float]:
     from kvmkit.runner.machine import run_guest
+    from kvmkit.runner.migration.destination import start_destination
 
     out: dict[str, float] = {}
 
@@ -168,7 +151,8 @@ def _migrate(
         out["mib"] = stats.bytes_sent / MiB
         return "migrated", ""
 
-    dest = _start_destination(addr)
+    # in its own process, as on another host; it runs what it receives for 0.2 s
+    dest = start_destination(addr, args=("--timeout", "0.2"))
     try:
         r = run_guest(_config(image, mem, args), kvm=kvm, action=(0.3, act), dirty_tracking=True)
         err = dest.communicate(timeout=60)[1]

@@ -91,6 +91,7 @@ def run_incoming(args: argparse.Namespace) -> int:
     """``kvmkit run --incoming ADDR``: receive a migrating guest, then run it."""
     from kvmkit.kvm import Kvm
     from kvmkit.runner.machine import Machine
+    from kvmkit.runner.migration.destination import READY_LINE
 
     with Kvm() as kvm:
         machine, _stats = Machine.incoming(
@@ -100,7 +101,7 @@ def run_incoming(args: argparse.Namespace) -> int:
             console_limit=args.console_limit,
             timeout=args.incoming_timeout,
             ready=lambda: print(
-                f"kvmkit run: waiting for a migrating VM on {args.incoming}",
+                f"{READY_LINE} {args.incoming}",
                 file=sys.stderr,
                 flush=True,
             ),

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 EXPLANATION = (
     "A VM's state is small and well defined: each vCPU's registers, the interrupt "
@@ -120,30 +120,25 @@ class _Lines:
 
 
 def _migrate(kvm: Any, image: Path, tmp: Path, say: Say, task: Task) -> dict[str, Any]:
-    from kvmkit.runner.machine import Machine, run_guest
+    """Migrate a printing guest to ``kvmkit run --incoming`` in a second process (as to
+    another host), whose console lines are shown as they come."""
+    import subprocess
+
+    from kvmkit.runner.machine import run_guest
+    from kvmkit.runner.migration.destination import start_destination
 
     addr = f"unix:{tmp}/migrate.sock"
-    box: dict[str, Any] = {}
-    listening = threading.Event()
+    dest = start_destination(addr, stdout=subprocess.PIPE)
+    assert dest.stdout is not None
+    lines: list[str] = []
 
-    def destination() -> None:
-        try:
-            m, _ = Machine.incoming(
-                addr,
-                kvm=kvm,
-                echo=_Lines(say, "destination"),  # type: ignore[arg-type]
-                timeout=30,
-                ready=listening.set,
-            )
-            with m:
-                box["result"] = m.run()
-        except BaseException as exc:
-            box["error"] = exc
-            listening.set()
+    def show(stream: IO[bytes]) -> None:
+        for raw in stream:
+            lines.append(raw.decode(errors="replace").rstrip("\n"))
+            say(f"  [destination] {lines[-1]}")
 
-    t = threading.Thread(target=destination, name="demo-destination")
-    t.start()
-    listening.wait(30)
+    shown = threading.Thread(target=show, args=(dest.stdout,), name="demo-destination")
+    shown.start()
     stats: dict[str, Any] = {}
 
     def act(machine: Any) -> tuple[str, str]:
@@ -158,15 +153,23 @@ def _migrate(kvm: Any, image: Path, tmp: Path, say: Say, task: Task) -> dict[str
             action=(0.3, act),
             dirty_tracking=True,
         )
+        if src.reason != "migrated":
+            raise RuntimeError(f"the guest was not migrated: {src.reason} {src.detail}")
+        dest.wait(timeout=60)  # it runs the guest to its end
     finally:
-        t.join(60)
-    if "error" in box:
-        raise RuntimeError(f"the destination failed: {box['error']}")
-    if src.reason != "migrated":
-        raise RuntimeError(f"the guest was not migrated: {src.reason} {src.detail}")
-    end = box["result"]
-    if (end.reason, end.exit_code) != ("exit", 0):
-        raise RuntimeError(f"the migrated guest ended badly: {end.reason} {end.detail}")
+        if dest.poll() is None:
+            dest.kill()
+            dest.wait()
+        shown.join(10)
+        assert dest.stderr is not None
+        err = dest.stderr.read()  # a few lines: what it said besides the console
+        dest.stdout.close()
+        dest.stderr.close()
+    if dest.returncode != 0 or not any("checksum 0x" in line for line in lines):
+        raise RuntimeError(
+            f"the migrated guest ended badly (status {dest.returncode}): "
+            f"{err.decode(errors='replace')[-300:]}"
+        )
     say(
         f"  migrated in {stats['total_ms']:.1f} ms over {stats['rounds']} rounds, "
         f"downtime {stats['downtime_ms']:.1f} ms; pages per round: {stats['pages_per_round']}"

@@ -48,6 +48,7 @@ import trio
 if sys.version_info < (3, 11):  # trio depends on the backport there
     from exceptiongroup import BaseExceptionGroup
 
+from kvmkit.childproc import default_signal_dispositions
 from kvmkit.qemu.accel import AccelChoice, choose_accel
 from kvmkit.qemu.config import MachineConfig, build_command, format_command
 from kvmkit.qemu.console import SerialConsole
@@ -82,15 +83,6 @@ class ProcessHandle(Protocol):
     def send_signal(self, sig: int) -> None: ...
 
     async def wait(self) -> int: ...
-
-
-def default_signal_dispositions() -> None:
-    """Run in the child between fork and exec: SIGINT/SIGTERM/SIGHUP/SIGQUIT back to their
-    defaults and nothing blocked, since an ignored signal survives exec (a kvmkit started
-    from a background job has SIGINT ignored, and its QEMU would inherit that)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 class QemuMachine(trio.abc.AsyncResource):

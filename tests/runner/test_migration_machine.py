@@ -282,3 +282,21 @@ def test_migration_between_two_network_namespaces(
     assert dest.returncode == 0, err
     ddoc = json.loads(out)
     assert sdoc["console"] + ddoc["console"] == json.loads(base.stdout)["console"]
+
+
+def test_a_destination_process_is_returned_once_it_listens(tmp_path: Path) -> None:
+    from kvmkit.runner.migration import MigrationError, connect
+    from kvmkit.runner.migration.destination import start_destination
+
+    addr = f"unix:{tmp_path / 'dest.sock'}"
+    dest = start_destination(addr, args=("--incoming-timeout", "30"))
+    try:
+        connect(addr, timeout=10).close()  # it listens: a source that says nothing
+        err = dest.communicate(timeout=60)[1].decode()
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+            dest.wait()
+    assert dest.returncode not in (0, None) and "before its header" in err, err
+    with pytest.raises(MigrationError, match="did not listen: .*cannot listen"):
+        start_destination(f"unix:{tmp_path / 'no-such-dir' / 'dest.sock'}")
