@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +148,7 @@ def _uint(value: Any, what: str, limit: int = 1 << 64) -> int:
 
 
 def parse_manifest(
-    data: bytes, *, host_caps: set[str] | None = None, expect_vcpus: int | None = None
+    data: bytes, *, host_caps: Container[str] | None = None, expect_vcpus: int | None = None
 ) -> Manifest:
     """Validate ``data`` (the manifest file's bytes) completely and return the manifest.
 

@@ -29,6 +29,18 @@ def host_capabilities(kvm: Kvm) -> set[str]:
     return {c.name for c in Cap if kvm.check_extension(c) > 0}
 
 
+class _HostCaps:
+    """``name in caps``: whether this host offers capability ``name`` — asked only for
+    the few a manifest names, not for all of :class:`Cap`."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+
+    def __contains__(self, name: object) -> bool:
+        cap = Cap.__members__.get(name) if isinstance(name, str) else None
+        return cap is not None and self.kvm.check_extension(cap) > 0
+
+
 class Snapshot:
     """A validated snapshot directory.  :meth:`open` checks the manifest (format,
     version, checksums, capabilities, vCPU count) and that every memory file exists with
@@ -60,7 +72,7 @@ class Snapshot:
             ) from None
         except OSError as exc:
             raise SnapshotError(f"cannot read {mpath}: {exc.strerror}") from None
-        caps = host_capabilities(kvm) if kvm is not None else None
+        caps = _HostCaps(kvm) if kvm is not None else None
         manifest = parse_manifest(data, host_caps=caps, expect_vcpus=expect_vcpus)
         for region in manifest.memory:
             file = root / region.file
