@@ -151,7 +151,9 @@ class VcpuState:
             "msrs": [[i, v] for i, v in self.msrs.items()],
             "lapic": _b64(self.lapic),
             "tsc_khz": self.tsc_khz,
-            "cpuid": [[getattr(e, f) for f in _CPUID_FIELDS] for e in self.cpuid],
+            "cpuid": [  # in _CPUID_FIELDS order
+                [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in self.cpuid
+            ],
         }
 
     @classmethod

@@ -31,8 +31,7 @@ class MigratedState:
                 "devices": self.devices,
                 "machine": self.machine,
             },
-            sort_keys=True,
-        ).encode()
+        ).encode()  # not sorted: it is parsed, never compared as text
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> MigratedState:
