@@ -23,8 +23,27 @@ from pathlib import Path
 from typing import Any
 
 from kvmkit.guests import build_guest, qemu_exit_status
+from kvmkit.qemu.config import opt_value
 
 MAX_N = 1_000_000_000
+
+
+def runner_guest_devices(console: str | Path | None = None) -> list[str]:
+    """The QEMU arguments that give a kvmkit guest program what the runner gives it:
+    debug console on 0xe9 (to the file ``console``, to ``"stdio"``, or nowhere) and
+    exit on 0xf4."""
+    if console == "stdio":
+        chardev = "stdio,id=con"
+    else:
+        chardev = f"file,id=con,path={opt_value(console)}" if console else "null,id=con"
+    return [
+        "-device",
+        "isa-debugcon,iobase=0xe9,chardev=con",
+        "-chardev",
+        chardev,
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+    ]
 
 
 def qemu_kernel_command(
@@ -37,12 +56,7 @@ def qemu_kernel_command(
     memory_mib: int = 64,
 ) -> list[str]:
     """A QEMU command line that boots a kvmkit guest program the way the runner does:
-    multiboot ``-kernel``, debug console on 0xe9 (to the file ``console``, to ``"stdio"``,
-    or nowhere), exit on 0xf4."""
-    if console == "stdio":
-        chardev = "stdio,id=con"
-    else:
-        chardev = f"file,id=con,path={console}" if console else "null,id=con"
+    multiboot ``-kernel`` and :func:`runner_guest_devices`."""
     cmd = [
         "qemu-system-x86_64",
         "-accel",
@@ -59,12 +73,7 @@ def qemu_kernel_command(
         "-no-user-config",
         "-kernel",
         str(image),
-        "-device",
-        "isa-debugcon,iobase=0xe9,chardev=con",
-        "-chardev",
-        chardev,
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
+        *runner_guest_devices(console),
     ]
     if append:
         cmd += ["-append", append]

@@ -130,12 +130,13 @@ def _migrate(kvm: Any, image: Path, tmp: Path, say: Say, task: Task) -> dict[str
     addr = f"unix:{tmp}/migrate.sock"
     dest = start_destination(addr, stdout=subprocess.PIPE)
     assert dest.stdout is not None
-    lines: list[str] = []
+    said: list[str] = []
+    printer = _Lines(say, "destination")
 
     def show(stream: IO[bytes]) -> None:
         for raw in stream:
-            lines.append(raw.decode(errors="replace").rstrip("\n"))
-            say(f"  [destination] {lines[-1]}")
+            said.append(raw.decode(errors="replace"))
+            printer.write(said[-1])
 
     shown = threading.Thread(target=show, args=(dest.stdout,), name="demo-destination")
     shown.start()
@@ -165,7 +166,7 @@ def _migrate(kvm: Any, image: Path, tmp: Path, say: Say, task: Task) -> dict[str
         err = dest.stderr.read()  # a few lines: what it said besides the console
         dest.stdout.close()
         dest.stderr.close()
-    if dest.returncode != 0 or not any("checksum 0x" in line for line in lines):
+    if dest.returncode != 0 or "checksum 0x" not in "".join(said):
         raise RuntimeError(
             f"the migrated guest ended badly (status {dest.returncode}): "
             f"{err.decode(errors='replace')[-300:]}"

@@ -76,10 +76,8 @@ class Bus:
         if clashes:
             port = min(clashes)
             owner = self.port_device(port)
-            raise BusError(
-                f"{device.name}: port {port:#x} is already claimed by "
-                f"{owner.name if owner else '?'}"
-            )
+            assert owner is not None  # each clash lies in a claimed port or window
+            raise BusError(f"{device.name}: port {port:#x} is already claimed by {owner.name}")
         if count >= WINDOW_PORTS:
             i = bisect.bisect_right(self._window_starts, base)
             self._window_starts.insert(i, base)

@@ -1,7 +1,7 @@
 """The migration stream, free of I/O (the h11 shape): an encoder that returns bytes and a
 decoder that is fed bytes and returns events.
 
-Stream, version 1 (all integers little-endian)::
+Stream, version 2 (all integers little-endian)::
 
     header   "KVMKITMG" | u16 version | u16 0 | u32 n | n bytes of hello JSON
              hello = {"kvmkit_version", "page_size": 4096, "vcpu_count",

@@ -4,8 +4,9 @@ As QEMU's ``migration/ram.c``: round 0 sends all memory while the guest runs; ea
 round sends what the dirty log reported since the previous one; when the remainder
 would take no longer than the downtime target at the cost per page the last dirty
 round measured (so at least one dirty round runs: round 0's long zero runs say nothing
-of what scattered pages cost), or the round limit is reached, the vCPUs are paused, the remainder and the state are
-sent, and the source waits for the destination's verdict.  A failure raises
+of what scattered pages cost), or the round limit is reached, the vCPUs are paused,
+the remainder and the state are sent, and the source waits for the destination's
+verdict.  A failure raises
 :class:`MigrationError`; resuming the guest is the caller's job (it still owns it).
 """
 
